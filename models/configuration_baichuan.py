@@ -1,0 +1,131 @@
+"""Configuration of the baichuan-7B architecture, with the released ``config.json`` field names.
+
+Named presets live as JSON files in ``config/model/<name>.json`` (``7b``, ``tiny``, ...), so the same
+file is what ``BaiChuanConfig.from_name`` reads, what ``train.py --model_config`` takes and what a
+model folder's ``config.json`` looks like.
+"""
+import json
+import os
+from pathlib import Path
+
+from transformers.configuration_utils import PretrainedConfig
+
+# The presets sit beside the repository; an exported model folder has no config/ and does not need it.
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "config" / "model"
+
+ATTENTION_BACKENDS = ("auto", "flash_attention_2", "sdpa", "eager")
+NORM_BACKENDS = ("auto", "apex", "torch")
+
+
+class BaiChuanConfig(PretrainedConfig):
+    model_type = "baichuan"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size=64000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        hidden_act="silu",
+        max_position_embeddings=4096,
+        initializer_range=0.02,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        use_cache=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        attention_backend="auto",
+        norm_backend="auto",
+        loss_chunk_size=0,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.use_cache = use_cache
+        self.attention_backend = attention_backend
+        self.norm_backend = norm_backend
+        # Tokens per chunk of the vocabulary projection in the loss; 0 = one piece (see BaiChuanForCausalLM.loss).
+        self.loss_chunk_size = loss_chunk_size
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.validate()
+
+    def validate(self):
+        """Raise ValueError naming the field when sizes cannot make a model."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"BaiChuanConfig: {name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"BaiChuanConfig: hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})")
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError(
+                f"BaiChuanConfig: the head size hidden_size/num_attention_heads = "
+                f"{self.hidden_size // self.num_attention_heads} must be even for rotary embeddings")
+        if self.hidden_act != "silu":
+            raise ValueError(f"BaiChuanConfig: hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"BaiChuanConfig: attention_backend must be one of {ATTENTION_BACKENDS}, "
+                             f"got {self.attention_backend!r}")
+        if self.norm_backend not in NORM_BACKENDS:
+            raise ValueError(f"BaiChuanConfig: norm_backend must be one of {NORM_BACKENDS}, "
+                             f"got {self.norm_backend!r}")
+        if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:
+            raise ValueError(f"BaiChuanConfig: loss_chunk_size must be an integer >= 0, got {self.loss_chunk_size!r}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"BaiChuanConfig: rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @staticmethod
+    def preset_names():
+        return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "BaiChuanConfig":
+        """A named preset from config/model/<name>.json, or a config.json path / model folder."""
+        path = Path(name)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            path = PRESETS_DIR / f"{name}.json"
+        if not path.is_file():
+            raise ValueError(
+                f"unknown model config {name!r}: not a file or model folder, and not a preset "
+                f"(known presets: {', '.join(cls.preset_names()) or 'none'}, in {PRESETS_DIR})")
+        with open(path, encoding="utf-8") as f:
+            try:
+                fields = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"model config {path} is not valid JSON: {e}") from e
+        fields.update(overrides)
+        return cls(**fields)
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, computed from the sizes (no model needed)."""
+        h, i, v, n = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers
+        per_layer = 4 * h * h + 3 * h * i + 2 * h
+        head = 0 if self.tie_word_embeddings else v * h
+        return v * h + n * per_layer + h + head
