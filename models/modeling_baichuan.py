@@ -235,6 +235,17 @@ class BaiChuanPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
     def _init_weights(self, module):
+        params = list(module.parameters(recurse=False))
+        if any(hasattr(p, "ds_id") for p in params):
+            # Built under deepspeed.zero.Init: each rank holds a slice. Gather, initialise on rank 0, re-slice.
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                self._init_module(module)
+        else:
+            self._init_module(module)
+
+    def _init_module(self, module):
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             module.weight.data.normal_(mean=0.0, std=std)

@@ -1,0 +1,138 @@
+"""Checkpoints in and out of training: complete-only DeepSpeed checkpoints, and Hugging Face weights in.
+
+A DeepSpeed checkpoint under ``<save_dir>/<tag>/`` counts as complete once ``<tag>/complete.json`` exists; it
+is written after every rank has finished writing, and only then does ``<save_dir>/latest`` move to the tag
+(written under a temporary name and renamed). A job killed while saving therefore resumes from the
+previous checkpoint, and a half-written one is never taken for a good one.
+"""
+import json
+import os
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+
+COMPLETE_MARKER = "complete.json"
+# Fields that decide the weights' shapes: a folder whose config differs in one of them cannot be loaded.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = Path(f"{path}.tmp.{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def mark_complete(save_dir: Path, tag: str, info: dict) -> None:
+    """Rank 0, after a barrier that follows every rank's save: seal the tag and point `latest` at it."""
+    write_atomic(Path(save_dir) / tag / COMPLETE_MARKER, json.dumps(info, indent=2))
+    write_atomic(Path(save_dir) / "latest", tag)
+
+
+def resolve_resume_tag(save_dir: Path, resume: str) -> Optional[str]:
+    """The tag to resume from: `none` -> None; `auto` -> the `latest` complete tag or None; else that tag."""
+    save_dir = Path(save_dir)
+    if resume == "none":
+        return None
+    if resume == "auto":
+        latest = save_dir / "latest"
+        if not latest.is_file():
+            return None
+        tag = latest.read_text(encoding="utf-8").strip()
+    else:
+        tag = resume
+    if not (save_dir / tag).is_dir():
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint folder {save_dir / tag}")
+    if not (save_dir / tag / COMPLETE_MARKER).is_file():
+        raise ValueError(f"--resume {resume}: {save_dir / tag} is a half-written checkpoint (no {COMPLETE_MARKER}; "
+                         "the job stopped while saving it). Resume from an earlier tag, or --resume auto.")
+    return tag
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face model folders (the released baichuan-7B layout, or one this project exported)
+# ----------------------------------------------------------------------------------------------------------
+
+def check_folder_config(folder: Path, config) -> None:
+    """Raise ValueError listing each shape-deciding field where the folder's config.json differs from `config`."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--init_from {folder}: no config.json (expected a Hugging Face model folder)")
+    theirs = json.loads(path.read_text(encoding="utf-8"))
+    diffs = [f"{k}: folder {theirs.get(k)!r} vs --model_config {getattr(config, k)!r}"
+             for k in SHAPE_FIELDS if theirs.get(k) != getattr(config, k)]
+    if diffs:
+        raise ValueError(f"--init_from {folder} does not match --model_config: " + "; ".join(diffs))
+
+
+def _weight_files(folder: Path):
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = folder / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            return sorted({folder / f for f in weight_map.values()})
+        if (folder / single).is_file():
+            return [folder / single]
+    raise FileNotFoundError(f"{folder}: no model.safetensors, pytorch_model.bin or their .index.json")
+
+
+def iter_folder_tensors(folder: Path) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor) for every weight in the folder, one shard at a time (memory-mapped where possible)."""
+    from safetensors import safe_open
+
+    for path in _weight_files(Path(folder)):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        else:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            yield from state.items()
+            del state
+
+
+def folder_shapes(folder: Path) -> Dict[str, Tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in iter_folder_tensors(folder)}
+
+
+def load_folder_weights(model: torch.nn.Module, folder: Path, zero3: bool = False) -> None:
+    """Copy a Hugging Face folder's weights into `model` (under ZeRO-3 too); every rank calls this.
+
+    Missing, unexpected (except the released rotary inv_freq) and misshaped weights are errors naming them,
+    checked before anything is copied. Every rank reads the same files (memory-mapped), so the checks agree
+    everywhere and no rank waits in a collective for one that failed.
+    """
+    folder = Path(folder)
+    params = dict(model.named_parameters())
+    want = {n: tuple(p.ds_shape if zero3 else p.shape) for n, p in params.items()}
+    have = {n: s for n, s in folder_shapes(folder).items() if not n.endswith("rotary_emb.inv_freq")}
+    problems = []
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    if missing:
+        problems.append(f"missing {len(missing)} weight(s): {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} weight(s): {unexpected[:6]}")
+    wrong = [f"{n} {have[n]} (model wants {want[n]})" for n in sorted(set(want) & set(have)) if have[n] != want[n]]
+    if wrong:
+        problems.append("wrong shapes: " + ", ".join(wrong[:6]))
+    if problems:
+        raise ValueError(f"--init_from {folder}: " + "; ".join(problems))
+
+    if zero3:
+        import deepspeed
+
+        rank = torch.distributed.get_rank()
+    with torch.no_grad():
+        for name, tensor in iter_folder_tensors(folder):
+            param = params.get(name)
+            if param is None:
+                continue
+            if zero3:
+                # Gathering is a collective: every rank enters it for every parameter, rank 0 writes.
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if rank == 0:
+                        param.data.copy_(tensor.to(param.dtype))
+            else:
+                param.data.copy_(tensor.to(param.dtype))

@@ -1,0 +1,238 @@
+"""Pretrain the baichuan-7B architecture with DeepSpeed ZeRO over per-rank text shards.
+
+    deepspeed --hostfile config/hostfile train.py --deepspeed --deepspeed_config config/deepspeed.json \
+        --data_dir data_dir --model_config 7b --max_steps 100000
+
+The DeepSpeed config owns micro-batch size, gradient accumulation, optimizer, schedule and precision; this
+file owns the model, the data and the loop. Reads top to bottom: arguments, distributed init, data, model and
+engine, resume, loop (batch, forward, backward, step, log, save).
+"""
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from checkpointing import check_folder_config, load_folder_weights, mark_complete, resolve_resume_tag, write_atomic
+from data_utils import DataEngine
+from models.configuration_baichuan import BaiChuanConfig
+from models.modeling_baichuan import BaiChuanForCausalLM
+
+# Dense bf16 peak TFLOPS per device, matched against the device name, for MFU.
+PEAK_TFLOPS = {"A800": 312.0, "A100": 312.0, "H800": 989.0, "H100": 989.0, "H200": 989.0, "H20": 148.0}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default="data_dir", help="folder of UTF-8 text shards, one document per line; "
+                   "at least as many files as ranks")
+    p.add_argument("--tokenizer_path", default="tokenizer.model", help="SentencePiece model file")
+    p.add_argument("--max_length", type=int, default=4096, help="tokens per training sequence (context length)")
+    p.add_argument("--steps_per_epoch", type=int, default=2000,
+                   help="checkpoint interval in optimizer steps (the reference's name for it)")
+    p.add_argument("--checkpoint_saving_path", default="checkpoints",
+                   help="folder for checkpoints, metrics.jsonl and the resolved run config")
+    p.add_argument("--model_config", default="7b", help="preset name (see config/model/) or a config.json path")
+    p.add_argument("--max_steps", type=int, default=100_000, help="optimizer steps to train in all (resumed ones count)")
+    p.add_argument("--resume", default="auto", help="'auto': the latest complete checkpoint in "
+                   "--checkpoint_saving_path if any; 'none': start fresh; or a checkpoint tag such as step2000")
+    p.add_argument("--init_from", default=None, help="Hugging Face model folder (e.g. the released baichuan-7B) "
+                   "to start from, for continued pretraining; ignored when resuming")
+    p.add_argument("--seed", type=int, default=42, help="seed for weights and data order")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--checkpoint_every", type=int, default=1,
+                   help="with --gradient_checkpointing: checkpoint every k-th layer (1 = all)")
+    p.add_argument("--attention_backend", default=None, choices=["auto", "flash_attention_2", "sdpa", "eager"],
+                   help="force an attention kernel (default: the model config's, 'auto')")
+    p.add_argument("--loss_chunk_size", type=int, default=4096,
+                   help="tokens per chunk of the vocabulary projection in the loss, so fp32 logits for the whole "
+                        "batch never exist at once (0 = unchunked)")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="device peak TFLOPS for MFU (default: known for A100/A800/H100/H200, else MFU is null)")
+    p.add_argument("--num_workers", type=int, default=None, help="tokenizer processes per rank")
+    p.add_argument("--cache_dir", default=None, help="tokenized-shard cache (default <data_dir>/.cache)")
+    p.add_argument("--dist_timeout_minutes", type=int, default=30,
+                   help="a collective that waits longer than this fails instead of hanging")
+    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    p = deepspeed.add_config_arguments(p)
+    args = p.parse_args()
+    if args.deepspeed_config is None:
+        p.error("--deepspeed_config is required (see config/deepspeed.json)")
+    for flag in ("max_length", "steps_per_epoch", "max_steps", "checkpoint_every"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1")
+    return args
+
+
+def load_ds_config(args) -> dict:
+    path = Path(args.deepspeed_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"--deepspeed_config {path}: no such file")
+    try:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--deepspeed_config {path} is not valid JSON: {e}") from e
+    # The schedule's length is the run's length: "auto" takes --max_steps rather than repeating it.
+    sched = ds.get("scheduler", {}).get("params", {})
+    if sched.get("total_num_steps") == "auto":
+        sched["total_num_steps"] = args.max_steps
+    return ds
+
+
+def all_ranks_ok(error, where: str):
+    """Agree across ranks whether `where` succeeded, so one rank's error never leaves the others in a collective."""
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=deepspeed.get_accelerator().current_device_name())
+    dist.all_reduce(flag)
+    if error is not None:
+        raise error
+    if flag.item():
+        raise RuntimeError(f"{where} failed on {flag.item()} other rank(s); see their error above")
+
+
+def peak_tflops(args):
+    if args.peak_tflops:
+        return args.peak_tflops
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return None
+
+
+def flops_per_token(config: BaiChuanConfig, seq_len: int) -> float:
+    """Model FLOPs per trained token: 6N for the matmuls (forward + backward) plus attention's scores and mixing
+    (PaLM appendix B); recomputation under activation checkpointing is not counted, as MFU requires."""
+    n = config.num_parameters() - config.vocab_size * config.hidden_size  # embedding lookups are not matmuls
+    return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+def main():
+    args = parse_args()
+
+    # ---- distributed init ------------------------------------------------------------------------------
+    from datetime import timedelta
+
+    deepspeed.init_distributed(timeout=timedelta(minutes=args.dist_timeout_minutes))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = deepspeed.get_accelerator().current_device_name()
+    torch.manual_seed(args.seed)
+    ds_config = load_ds_config(args)
+    micro_bs = ds_config.get("train_micro_batch_size_per_gpu", 1)
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    save_dir = Path(args.checkpoint_saving_path)
+
+    # ---- data ------------------------------------------------------------------------------------------
+    error = None
+    try:
+        data = DataEngine(args.data_dir, args.tokenizer_path, micro_bs, args.max_length, world_size=world,
+                          rank=rank, seed=args.seed, cache_dir=args.cache_dir, num_workers=args.num_workers,
+                          device=device).load_data()
+    except (OSError, ValueError, RuntimeError) as e:
+        error = e
+    all_ranks_ok(error, "loading the data")
+
+    # ---- model and engine --------------------------------------------------------------------------------
+    overrides = {"loss_chunk_size": args.loss_chunk_size, "use_cache": False}
+    if args.attention_backend:
+        overrides["attention_backend"] = args.attention_backend
+    config = BaiChuanConfig.from_name(args.model_config, **overrides)
+    if config.vocab_size < data.vocab_size:
+        raise ValueError(f"tokenizer {args.tokenizer_path} has {data.vocab_size} pieces but the model's "
+                         f"vocab_size is {config.vocab_size}")
+    resume_tag = resolve_resume_tag(save_dir, args.resume)
+    if args.init_from and not resume_tag:
+        check_folder_config(Path(args.init_from), config)
+    if zero3:
+        # Parameters are partitioned as they are created, so a 7B model never exists whole on one rank.
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = BaiChuanForCausalLM(config)
+    else:
+        model = BaiChuanForCausalLM(config)
+    if args.init_from and not resume_tag:
+        load_folder_weights(model, Path(args.init_from), zero3=zero3)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.model.checkpoint_every = args.checkpoint_every
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=ds_config)
+    gas = engine.gradient_accumulation_steps()
+
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {"args": {k: v for k, v in vars(args).items()}, "deepspeed": ds_config,
+                    "model": config.to_dict(), "world_size": world}
+        write_atomic(save_dir / "run_config.json", json.dumps(resolved, indent=2, default=str))
+
+    # ---- resume ----------------------------------------------------------------------------------------
+    step = 0
+    if resume_tag:
+        _, client = engine.load_checkpoint(str(save_dir), tag=resume_tag)
+        step = client["step"]
+        data.load_state_dict(client["data"])
+        if rank == 0:
+            print(f"resumed from {save_dir / resume_tag} at step {step}", flush=True)
+    metrics_path = save_dir / "metrics.jsonl"
+    if rank == 0 and metrics_path.exists():
+        # Steps after the checkpoint were lost with the killed run and will be trained again.
+        kept = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        write_atomic(metrics_path, "".join(line + "\n" for line in kept))
+
+    def save(tag_step: int):
+        tag = f"step{tag_step}"
+        client = {"step": tag_step, "data": data.state_dict(), "model_config": config.to_dict()}
+        engine.save_checkpoint(str(save_dir), tag=tag, client_state=client, save_latest=False)
+        dist.barrier()  # every rank's shards are on disk before the tag is sealed
+        if rank == 0:
+            mark_complete(save_dir, tag, {"step": tag_step, "world_size": world, "time": time.time()})
+            print(f"saved checkpoint {save_dir / tag}", flush=True)
+        dist.barrier()
+
+    # ---- loop ------------------------------------------------------------------------------------------
+    tokens_per_step = micro_bs * args.max_length * gas
+    flops = flops_per_token(config, args.max_length)
+    peak = peak_tflops(args)
+    print_every = ds_config.get("steps_per_print", 10)
+    engine.train()
+    window_loss, window_steps, t0 = torch.zeros((), device=device), 0, time.perf_counter()
+    while step < args.max_steps:
+        for _ in range(gas):
+            batch = data.get_data()  # [micro_bs, max_length + 1]
+            loss = engine(batch, labels=batch).loss  # the model shifts: max_length predictions per row
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+            window_loss += loss.detach().float() / gas
+        step += 1
+        window_steps += 1
+
+        if step % print_every == 0 or step == args.max_steps:
+            dist.all_reduce(window_loss)
+            elapsed = time.perf_counter() - t0
+            tokens_per_sec = tokens_per_step * window_steps / elapsed  # per device
+            tflops = tokens_per_sec * flops / 1e12
+            grad_norm = engine.get_global_grad_norm()
+            record = {"step": step, "loss": window_loss.item() / world / window_steps, "lr": engine.get_lr()[0],
+                      "grad_norm": None if grad_norm is None else float(grad_norm),
+                      "tokens_per_sec": tokens_per_sec, "tflops": tflops,
+                      "mfu": tflops / peak if peak else None, "epoch": data.epoch, "time": time.time()}
+            if rank == 0:
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                               if k != "time"), flush=True)
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                if engine.monitor.enabled:
+                    engine.monitor.write_events([(f"Train/{k}", v, step) for k, v in record.items()
+                                                 if isinstance(v, float) and math.isfinite(v) and k != "time"])
+            window_loss.zero_()
+            window_steps, t0 = 0, time.perf_counter()
+
+        if step % args.steps_per_epoch == 0 or step == args.max_steps:
+            save(step)
+
+
+if __name__ == "__main__":
+    main()
