@@ -1,5 +1,8 @@
 """Checkpoints in and out of training: complete-only DeepSpeed checkpoints, and Hugging Face weights in.
 
+(The way out, a DeepSpeed checkpoint to a Hugging Face folder, is scripts/convert_checkpoint.py; it picks its
+tag with ``resolve_checkpoint_tag`` below.)
+
 A DeepSpeed checkpoint under ``<save_dir>/<tag>/`` counts as complete once ``<tag>/complete.json`` exists; it
 is written after every rank has finished writing, and only then does ``<save_dir>/latest`` move to the tag
 (written under a temporary name and renamed). A job killed while saving therefore resumes from the
@@ -49,6 +52,51 @@ def resolve_resume_tag(save_dir: Path, resume: str) -> Optional[str]:
     return tag
 
 
+def list_tags(save_dir: Path) -> Tuple[list, list]:
+    """(complete, half_written) checkpoint tags in `save_dir`, each sorted by step: sub-folders with the complete
+    marker, and those without it that hold .pt files or are named step<N> (other folders are not checkpoints)."""
+    complete, partial = [], []
+    for folder in Path(save_dir).iterdir():
+        if folder.is_dir() and ((folder / COMPLETE_MARKER).is_file() or any(folder.glob("*.pt"))
+                                or (folder.name.startswith("step") and folder.name[4:].isdigit())):
+            (complete if (folder / COMPLETE_MARKER).is_file() else partial).append(folder.name)
+    key = lambda t: (int(t[4:]) if t.startswith("step") and t[4:].isdigit() else float("inf"), t)  # noqa: E731
+    return sorted(complete, key=key), sorted(partial, key=key)
+
+
+def resolve_checkpoint_tag(save_dir: Path, tag: Optional[str] = None, flag: str = "--tag") -> str:
+    """The complete checkpoint tag to read (export, evaluation): `tag`, or the one `latest` names.
+
+    Raises an error naming the folder and listing the tags present when `latest` is absent, the tag does not
+    exist, or it is half-written (no complete.json), instead of DeepSpeed's bare "file not found".
+    """
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {save_dir} does not exist (pass train.py's "
+                                "--checkpoint_saving_path)")
+    complete, partial = list_tags(save_dir)
+
+    def present() -> str:
+        listed = f"complete tags: {', '.join(complete) or 'none'}"
+        return listed + (f"; half-written: {', '.join(partial)}" if partial else "")
+
+    if tag is None:
+        latest = save_dir / "latest"
+        if not latest.is_file():
+            raise FileNotFoundError(f"{save_dir} has no `latest` file, so no checkpoint was completed there by "
+                                    f"train.py; pass {flag} to pick one ({present()})")
+        tag = latest.read_text(encoding="utf-8").strip()
+        where = f"`latest` in {save_dir} names {tag!r}, but"
+    else:
+        where = f"{flag} {tag}:"
+    if not (save_dir / tag).is_dir():
+        raise FileNotFoundError(f"{where} there is no checkpoint folder {save_dir / tag} ({present()})")
+    if not (save_dir / tag / COMPLETE_MARKER).is_file():
+        raise ValueError(f"{where} {save_dir / tag} is a half-written checkpoint (no {COMPLETE_MARKER}; the job "
+                         f"stopped while saving it). Pick a complete one ({present()}).")
+    return tag
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Hugging Face model folders (the released baichuan-7B layout, or one this project exported)
 # ----------------------------------------------------------------------------------------------------------
@@ -58,7 +106,16 @@ def check_folder_config(folder: Path, config) -> None:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"--init_from {folder}: no config.json (expected a Hugging Face model folder)")
-    theirs = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        theirs = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--init_from {folder}: config.json is not valid JSON: {e}") from e
+    # Another architecture (LLaMA, Baichuan2's NormHead ...) can share every size with ours; say so by name
+    # rather than as a list of missing weights.
+    model_type, archs = theirs.get("model_type"), theirs.get("architectures") or []
+    if model_type not in (None, "baichuan") or (archs and not any(a.lower() == "baichuanforcausallm" for a in archs)):
+        raise ValueError(f"--init_from {folder}: config.json describes model_type {model_type!r}, architectures "
+                         f"{archs}; this trainer builds BaiChuanForCausalLM (model_type 'baichuan')")
     diffs = [f"{k}: folder {theirs.get(k)!r} vs --model_config {getattr(config, k)!r}"
              for k in SHAPE_FIELDS if theirs.get(k) != getattr(config, k)]
     if diffs:
@@ -71,7 +128,11 @@ def _weight_files(folder: Path):
         index = folder / index_name
         if index.is_file():
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            return sorted({folder / f for f in weight_map.values()})
+            files = sorted({folder / f for f in weight_map.values()})
+            absent = [f.name for f in files if not f.is_file()]
+            if absent:
+                raise FileNotFoundError(f"{index} lists shard(s) missing from the folder: {absent}")
+            return files
         if (folder / single).is_file():
             return [folder / single]
     raise FileNotFoundError(f"{folder}: no model.safetensors, pytorch_model.bin or their .index.json")

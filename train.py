@@ -9,6 +9,7 @@ engine, resume, loop (batch, forward, backward, step, log, save).
 """
 import argparse
 import json
+import logging
 import math
 import os
 import time
@@ -118,6 +119,9 @@ def main():
 
     deepspeed.init_distributed(timeout=timedelta(minutes=args.dist_timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
+    # Rank 0 tells what it does (data statistics, chosen kernels); the others speak only of problems.
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
     device = deepspeed.get_accelerator().current_device_name()
     torch.manual_seed(args.seed)
     ds_config = load_ds_config(args)

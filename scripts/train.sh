@@ -36,7 +36,7 @@ if is_template "$HOSTFILE"; then
   DS_CONFIG=${DS_CONFIG:-config/deepspeed_tiny.json}
   MODEL=${MODEL:-tiny}
   MAX_LENGTH=${MAX_LENGTH:-256}
-  MAX_STEPS=${MAX_STEPS:-200}
+  MAX_STEPS=${MAX_STEPS:-100}
   SAVE_DIR=${SAVE_DIR:-checkpoints/tiny}
   echo "train.sh: $HOSTFILE is the template; training the $MODEL preset on this machine with $where" >&2
 else

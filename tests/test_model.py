@@ -104,6 +104,19 @@ def test_model_backends_agree(backend):
     torch.testing.assert_close(make_model(attention_backend=backend)(ids).logits, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_chosen_backend_is_logged_once(caplog):
+    import models.modeling_baichuan as modeling
+
+    modeling._logged_backends.clear()
+    caplog.set_level(logging.INFO, logger=modeling.logger.name)
+    model = make_model(attention_backend="auto")
+    model(torch.tensor([[5, 6, 7]]))
+    model(torch.tensor([[5, 6, 7, 8]]))
+    messages = [r.getMessage() for r in caplog.records if "backend" in r.getMessage()]
+    assert messages.count("baichuan: attention backend = sdpa") == 1, messages
+    assert messages.count("baichuan: rmsnorm backend = torch") == 1, messages
+
+
 def test_forced_flash_without_package_is_a_clear_error():
     if flash_attn_func is not None:
         pytest.skip("flash_attn is installed here")
