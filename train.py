@@ -22,10 +22,9 @@ import torch.distributed as dist
 from checkpointing import check_folder_config, load_folder_weights, mark_complete, resolve_resume_tag, write_atomic
 from data_utils import DataEngine
 from models.configuration_baichuan import BaiChuanConfig
+from models.flops import flops_per_token, peak_tflops_for
+from models.kernels import compile_decoder_layers
 from models.modeling_baichuan import BaiChuanForCausalLM
-
-# Dense bf16 peak TFLOPS per device, matched against the device name, for MFU.
-PEAK_TFLOPS = {"A800": 312.0, "A100": 312.0, "H800": 989.0, "H100": 989.0, "H200": 989.0, "H20": 148.0}
 
 
 def parse_args():
@@ -53,6 +52,9 @@ def parse_args():
     p.add_argument("--loss_chunk_size", type=int, default=4096,
                    help="tokens per chunk of the vocabulary projection in the loss, so fp32 logits for the whole "
                         "batch never exist at once (0 = unchunked)")
+    p.add_argument("--torch_compile", action="store_true",
+                   help="torch.compile each decoder layer (fuses RMSNorm, SwiGLU, rotary; the first steps compile); "
+                        "ZeRO stages 0-2")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="device peak TFLOPS for MFU (default: known for A100/A800/H100/H200, else MFU is null)")
     p.add_argument("--num_workers", type=int, default=None, help="tokenizer processes per rank")
@@ -99,16 +101,8 @@ def peak_tflops(args):
     if args.peak_tflops:
         return args.peak_tflops
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        return peak_tflops_for(torch.cuda.get_device_name())
     return None
-
-
-def flops_per_token(config: BaiChuanConfig, seq_len: int) -> float:
-    """Model FLOPs per trained token: 6N for the matmuls (forward + backward) plus attention's scores and mixing
-    (PaLM appendix B); recomputation under activation checkpointing is not counted, as MFU requires."""
-    n = config.num_parameters() - config.vocab_size * config.hidden_size  # embedding lookups are not matmuls
-    return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
 def main():
@@ -161,6 +155,11 @@ def main():
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.model.checkpoint_every = args.checkpoint_every
+    if args.torch_compile:
+        if zero3:  # ZeRO-3 gathers parameters in module hooks, which the compiled layers would have to trace
+            raise ValueError("--torch_compile is supported with ZeRO stages 0-2, not with ZeRO-3 "
+                             f"({args.deepspeed_config})")
+        compile_decoder_layers(model)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=ds_config)
     gas = engine.gradient_accumulation_steps()

@@ -21,6 +21,7 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
 
 from .configuration_baichuan import BaiChuanConfig
+from .kernels import linear_cross_entropy
 
 try:  # optional CUDA kernels: absent on CPU machines, where the PyTorch paths below run
     from flash_attn import flash_attn_func
@@ -36,6 +37,8 @@ _logged_backends = set()
 
 
 def _log_backend_once(kind: str, name: str):
+    if torch.compiler.is_compiling():
+        return  # a logging call would split a torch.compile graph in two; eager calls log it
     if (kind, name) not in _logged_backends:
         _logged_backends.add((kind, name))
         logger.info("baichuan: %s backend = %s", kind, name)
@@ -129,32 +132,24 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding, rotate-half convention, base 10000.
 
-    Holds no state: cos/sin are computed in fp32 from the sizes and cached per device. Released checkpoints
-    carry ``rotary_emb.inv_freq``; it is a pure function of the sizes, so it is dropped on load.
+    Holds no state: cos/sin are computed in fp32 from the positions at hand on every call (b x s x d values, no
+    table). Nothing here reads a tensor back to the host, so a CUDA step never waits on it and torch.compile
+    traces a whole layer as one graph. Released checkpoints carry ``rotary_emb.inv_freq``; it is a pure function
+    of the sizes, so it is dropped on load.
     """
 
     def __init__(self, dim: int, max_position_embeddings: int = 4096, base: float = 10000.0):
         super().__init__()
         self.dim, self.base = dim, base
-        self.max_seq_len_cached = max_position_embeddings
-        self._cache = {}  # device -> (cos, sin), each [max_len, d] in fp32
-
-    def _cos_sin(self, seq_len: int, device):
-        cached = self._cache.get(device)
-        if cached is None or cached[0].shape[0] < seq_len:
-            length = max(seq_len, self.max_seq_len_cached)
-            inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=device)
-                                            / self.dim))  # [d/2]
-            t = torch.arange(length, dtype=torch.float32, device=device)
-            freqs = torch.outer(t, inv_freq)  # [max_len, d/2]
-            emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, d]
-            cached = self._cache[device] = (emb.cos(), emb.sin())
-        return cached
+        self.max_position_embeddings = max_position_embeddings
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        cos, sin = self._cos_sin(int(position_ids.max()) + 1, position_ids.device)
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=position_ids.device)
+                                        / self.dim))  # [d/2]
+        freqs = position_ids[..., None].float() * inv_freq  # [b, s, d/2], in fp32: bf16 positions lose integers
+        emb = torch.cat((freqs, freqs), dim=-1)  # [b, s, d]
         # [b, s, d] -> [b, 1, s, d] to broadcast over heads
-        return cos[position_ids].unsqueeze(1).to(dtype), sin[position_ids].unsqueeze(1).to(dtype)
+        return emb.cos().unsqueeze(1).to(dtype), emb.sin().unsqueeze(1).to(dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.pop(prefix + "inv_freq", None)
@@ -374,20 +369,32 @@ class BaiChuanForCausalLM(BaiChuanPreTrainedModel, GenerationMixin):
     def get_decoder(self):
         return self.model
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean next-token cross-entropy of ``hidden`` [b, s, h] against ``labels`` [b, s] (-100 ignored).
 
-        With ``config.loss_chunk_size`` > 0 the vocabulary projection runs over chunks of that many tokens and
-        is recomputed in backward, so the fp32 logits [b, s, vocab] (1 GiB per 4096-token sequence at vocab
-        64000) never exist at once. The result and gradients equal the unchunked computation.
+        With ``config.loss_chunk_size`` > 0 the vocabulary projection runs over chunks of that many tokens,
+        gradients computed chunk by chunk (models/kernels.py), so the fp32 logits [b, s, vocab] (1 GiB per
+        4096-token sequence at vocab 64000) never exist at once. The result and gradients equal the unchunked
+        computation. ``logits`` [b, s, vocab], when the caller has them already, are used rather than recomputed.
         """
-        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [b*(s-1), h]: position i predicts token i+1
-        labels = labels[:, 1:].reshape(-1).to(hidden.device)  # [b*(s-1)]
+        labels = labels[:, 1:].to(hidden.device)  # [b, s-1]: position i predicts token i+1
         count = (labels != -100).sum()
+        if logits is not None:
+            # Shifting the labels (the last position predicts nothing) rather than the logits avoids a copy.
+            labels = F.pad(labels, (0, 1), value=-100).reshape(-1)  # [b*s]
+            total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=-100,
+                                    reduction="sum")
+            return total / count.clamp(min=1)
+        labels = labels.reshape(-1)  # [b*(s-1)]
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [b*(s-1), h]
         chunk = getattr(self.config, "loss_chunk_size", 0) or 0
-        if chunk <= 0 or hidden.shape[0] <= chunk:
+        if chunk <= 0:
             total = _chunk_loss_sum(self.lm_head, hidden, labels)
+        elif not hasattr(self.lm_head.weight, "ds_id"):
+            total = linear_cross_entropy(hidden, self.lm_head.weight, labels, chunk)
         else:
+            # ZeRO-3 gathers lm_head.weight only inside lm_head's own forward, so the fused function cannot
+            # see it: project chunk by chunk through the module and recompute each chunk in backward instead.
             total = sum(checkpoint(_chunk_loss_sum, self.lm_head, hidden[i:i + chunk], labels[i:i + chunk],
                                    use_reentrant=False)
                         for i in range(0, hidden.shape[0], chunk))
@@ -405,12 +412,14 @@ class BaiChuanForCausalLM(BaiChuanPreTrainedModel, GenerationMixin):
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
         hidden = out.last_hidden_state  # [b, s, h]
         loss = logits = None
-        if labels is not None:
-            loss = self.loss(hidden, labels)
         chunked = labels is not None and (getattr(self.config, "loss_chunk_size", 0) or 0) > 0
         if return_logits or (return_logits is None and not chunked):
             keep = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
             logits = self.lm_head(keep)  # [b, s or logits_to_keep, vocab]
+        if labels is not None:
+            # Unchunked, the loss reuses the full logits rather than projecting the vocabulary a second time.
+            loss = self.loss(hidden, labels, logits if logits is not None and not chunked and not logits_to_keep
+                             else None)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
 
 
