@@ -128,10 +128,11 @@ def main():
     try:
         data = DataEngine(args.data_dir, args.tokenizer_path, micro_bs, args.max_length, world_size=world,
                           rank=rank, seed=args.seed, cache_dir=args.cache_dir, num_workers=args.num_workers,
-                          device=device).load_data()
-    except (OSError, ValueError, RuntimeError) as e:
+                          device=device)
+    except (OSError, ValueError) as e:
         error = e
-    all_ranks_ok(error, "loading the data")
+    all_ranks_ok(error, "opening the data")
+    data.load_data()  # agrees across ranks itself: it raises on every rank or on none
 
     # ---- model and engine --------------------------------------------------------------------------------
     overrides = {"loss_chunk_size": args.loss_chunk_size, "use_cache": False}

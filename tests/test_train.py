@@ -170,7 +170,7 @@ def test_two_nodes_on_one_machine(workdir):
 
 
 def test_one_rank_with_bad_data_stops_every_rank(workdir):
-    """Rank 1's only file has no usable line: both ranks exit with the error, neither hangs in a collective."""
+    """Rank 1's only file has no usable line: the run stops with that error instead of hanging."""
     data = workdir / "bad-data"
     data.mkdir()
     (data / "a.txt").write_text(open(ROOT / "data_dir" / "part-0000.txt", encoding="utf-8").read(), encoding="utf-8")
@@ -181,4 +181,5 @@ def test_one_rank_with_bad_data_stops_every_rank(workdir):
     assert proc.returncode != 0
     log = proc.stdout + proc.stderr
     assert "b.txt" in log and "no line of at least 20 tokens" in log
-    assert "loading the data failed on 1 other rank(s)" in log
+    # The launcher stops the other rank as soon as one fails, so whether rank 0 printed its own "another rank
+    # could not load its data" first is a race; tests/test_data_utils.py checks that agreement in a gloo group.
