@@ -26,6 +26,14 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: Path, what: str):
+    """Parse a JSON file, or raise ValueError naming `what` (a flag or role) and the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: {path} is not valid JSON: {e}") from e
+
+
 def mark_complete(save_dir: Path, tag: str, info: dict) -> None:
     """Rank 0, after a barrier that follows every rank's save: seal the tag and point `latest` at it."""
     write_atomic(Path(save_dir) / tag / COMPLETE_MARKER, json.dumps(info, indent=2))
@@ -106,10 +114,7 @@ def check_folder_config(folder: Path, config) -> None:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"--init_from {folder}: no config.json (expected a Hugging Face model folder)")
-    try:
-        theirs = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--init_from {folder}: config.json is not valid JSON: {e}") from e
+    theirs = read_json(path, f"--init_from {folder}")
     # Another architecture (LLaMA, Baichuan2's NormHead ...) can share every size with ours; say so by name
     # rather than as a list of missing weights.
     model_type, archs = theirs.get("model_type"), theirs.get("architectures") or []

@@ -19,7 +19,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from checkpointing import check_folder_config, load_folder_weights, mark_complete, resolve_resume_tag, write_atomic
+from checkpointing import (check_folder_config, load_folder_weights, mark_complete, read_json, resolve_resume_tag,
+                           write_atomic)
 from data_utils import DataEngine
 from models.configuration_baichuan import BaiChuanConfig
 from models.flops import flops_per_token, peak_tflops_for
@@ -76,10 +77,7 @@ def load_ds_config(args) -> dict:
     path = Path(args.deepspeed_config)
     if not path.is_file():
         raise FileNotFoundError(f"--deepspeed_config {path}: no such file")
-    try:
-        ds = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--deepspeed_config {path} is not valid JSON: {e}") from e
+    ds = read_json(path, "--deepspeed_config")
     # The schedule's length is the run's length: "auto" takes --max_steps rather than repeating it.
     sched = ds.get("scheduler", {}).get("params", {})
     if sched.get("total_num_steps") == "auto":

@@ -84,17 +84,8 @@ class KeyTable:
         return owners
 
 
-class ExactIndex:
-    """Exact de-duplication: 64-bit digest of each kept document's text.
-
-    Like the LSH classes: batch() once per batch of digests, query(batch, i) -> owners, insert(batch, i, owner)
-    only for an item whose query came back empty, end_batch() between batches."""
-
-    def __init__(self):
-        self.table = KeyTable()
-
-    def batch(self, digests: np.ndarray):
-        return self.table.batch(digests.reshape(-1, 1))
+class _KeyTableIndex:
+    """The query/insert/end_batch protocol over a KeyTable; subclasses say how a batch becomes keys."""
 
     def query(self, batch, i: int) -> set[int]:
         return self.table.query(batch, i)
@@ -107,6 +98,19 @@ class ExactIndex:
 
     def nbytes(self) -> int:
         return self.table.nbytes()
+
+
+class ExactIndex(_KeyTableIndex):
+    """Exact de-duplication: 64-bit digest of each kept document's text.
+
+    Like the LSH classes: batch() once per batch of digests, query(batch, i) -> owners, insert(batch, i, owner)
+    only for an item whose query came back empty, end_batch() between batches."""
+
+    def __init__(self):
+        self.table = KeyTable()
+
+    def batch(self, digests: np.ndarray):
+        return self.table.batch(digests.reshape(-1, 1))
 
 
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
@@ -134,7 +138,7 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return h
 
 
-class CompactLSH:
+class CompactLSH(_KeyTableIndex):
     """MinHash LSH with datasketch's banding, bands stored as 64-bit keys in a KeyTable."""
 
     name = "compact"
@@ -145,18 +149,6 @@ class CompactLSH:
 
     def batch(self, sigs: np.ndarray):
         return self.table.batch(band_keys(sigs, self.bands, self.rows))
-
-    def query(self, batch, i: int) -> set[int]:
-        return self.table.query(batch, i)
-
-    def insert(self, batch, i: int, owner: int) -> None:
-        self.table.add(batch[0][i], owner)
-
-    def end_batch(self) -> None:
-        self.table.maybe_merge()
-
-    def nbytes(self) -> int:
-        return self.table.nbytes()
 
 
 class DatasketchLSH:
