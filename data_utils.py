@@ -27,7 +27,7 @@ The default cache folder is ``<data_dir>/.cache`` if it is writable, else ``~/.c
 ``cache_dir=False`` to keep the tokens in memory and write nothing.
 
 Tokenization runs in ``num_workers`` processes (spawn start method, so it is safe after CUDA or NCCL have
-started). Each file is split at line boundaries into chunks of about 1 MB, and each worker loads its own
+started). Each file is split at line boundaries into chunks of about 256 KB, and each worker loads its own
 SentencePiece processor. Rank 0 shows a tqdm progress bar.
 
 Order, epochs and equal steps
@@ -67,14 +67,13 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import sentencepiece as spm
-from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN_ID = 2
 MIN_LINE_TOKENS = 20
 CACHE_FORMAT = 1  # bump when the cache layout or the tokenization rule changes, so old entries are not reused
-CHUNK_BYTES = 1 << 20  # unit of work for a tokenizer process: IPC is negligible, and the last chunk finishes soon
+CHUNK_BYTES = 256 << 10  # unit of work for a tokenizer process: IPC stays negligible, the last chunk ends soon
 STATE_FORMAT = 1
 
 
@@ -524,6 +523,8 @@ class DataEngine:
         workers = min(self.num_workers, len(tasks))
         sinks, totals = {}, {}
         total_bytes = sum(length for _, _, length in tasks)
+        from tqdm import tqdm  # here, not at the top: tokenizer workers import this module and never need it
+
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing (rank {self.rank})",
                    disable=not self.show_progress, file=sys.stderr)
         pool = None

@@ -2,7 +2,6 @@
 bad input, and the shipped sample corpus. Uses the released tokenizer in ../shared (skipped when absent)."""
 import json
 import multiprocessing as mp
-import os
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import sentencepiece as spm
 
 import data_utils
+from conftest import shared_path
 from data_utils import DataEngine, DataWarning, list_data_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,16 +46,16 @@ def epoch_rows(engine) -> list:
     return rows
 
 
-@pytest.fixture(scope="module")
-def sp(request):
-    from conftest import shared_path
-
-    return spm.SentencePieceProcessor(model_file=str(shared_path("baichuan-7b-tokenizer", "tokenizer.model")))
-
-
 @pytest.fixture
 def tok(released_tokenizer):
+    """Path of the released 64000-piece tokenizer (EOS id 2)."""
     return released_tokenizer
+
+
+@pytest.fixture(scope="module")
+def sp():
+    """The same tokenizer, to compute expected ids independently of data_utils."""
+    return spm.SentencePieceProcessor(model_file=str(shared_path("baichuan-7b-tokenizer", "tokenizer.model")))
 
 
 @pytest.fixture
