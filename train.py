@@ -50,7 +50,7 @@ def parse_args():
                    help="with --gradient_checkpointing: checkpoint every k-th layer (1 = all)")
     p.add_argument("--attention_backend", default=None, choices=["auto", "flash_attention_2", "sdpa", "eager"],
                    help="force an attention kernel (default: the model config's, 'auto')")
-    p.add_argument("--loss_chunk_size", type=int, default=4096,
+    p.add_argument("--loss_chunk_size", type=int, default=1024,
                    help="tokens per chunk of the vocabulary projection in the loss, so fp32 logits for the whole "
                         "batch never exist at once (0 = unchunked)")
     p.add_argument("--torch_compile", action="store_true",
