@@ -41,23 +41,11 @@ def mark_complete(save_dir: Path, tag: str, info: dict) -> None:
 
 
 def resolve_resume_tag(save_dir: Path, resume: str) -> Optional[str]:
-    """The tag to resume from: `none` -> None; `auto` -> the `latest` complete tag or None; else that tag."""
-    save_dir = Path(save_dir)
-    if resume == "none":
+    """The tag to resume from: `none` -> None; `auto` -> the tag `latest` names, or None when there is no `latest`
+    (a fresh run); else that tag. A named tag that is absent or half-written is an error (resolve_checkpoint_tag)."""
+    if resume == "none" or (resume == "auto" and not (Path(save_dir) / "latest").is_file()):
         return None
-    if resume == "auto":
-        latest = save_dir / "latest"
-        if not latest.is_file():
-            return None
-        tag = latest.read_text(encoding="utf-8").strip()
-    else:
-        tag = resume
-    if not (save_dir / tag).is_dir():
-        raise FileNotFoundError(f"--resume {resume}: no checkpoint folder {save_dir / tag}")
-    if not (save_dir / tag / COMPLETE_MARKER).is_file():
-        raise ValueError(f"--resume {resume}: {save_dir / tag} is a half-written checkpoint (no {COMPLETE_MARKER}; "
-                         "the job stopped while saving it). Resume from an earlier tag, or --resume auto.")
-    return tag
+    return resolve_checkpoint_tag(save_dir, None if resume == "auto" else resume, flag="--resume")
 
 
 def list_tags(save_dir: Path) -> Tuple[list, list]:
@@ -132,7 +120,7 @@ def _weight_files(folder: Path):
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = folder / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = read_json(index, "weight index")["weight_map"]
             files = sorted({folder / f for f in weight_map.values()})
             absent = [f.name for f in files if not f.is_file()]
             if absent:
@@ -159,7 +147,19 @@ def iter_folder_tensors(folder: Path) -> Iterator[Tuple[str, torch.Tensor]]:
 
 
 def folder_shapes(folder: Path) -> Dict[str, Tuple[int, ...]]:
-    return {name: tuple(t.shape) for name, t in iter_folder_tensors(folder)}
+    """Every weight's shape, from safetensors headers without reading the data (a .bin is memory-mapped, so
+    its tensors are not read either)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in _weight_files(Path(folder)):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                shapes.update((name, tuple(f.get_slice(name).get_shape())) for name in f.keys())
+        else:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            shapes.update((name, tuple(t.shape)) for name, t in state.items())
+    return shapes
 
 
 def load_folder_weights(model: torch.nn.Module, folder: Path, zero3: bool = False) -> None:

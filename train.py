@@ -11,8 +11,8 @@ import argparse
 import json
 import logging
 import math
-import os
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -107,8 +107,6 @@ def main():
     args = parse_args()
 
     # ---- distributed init ------------------------------------------------------------------------------
-    from datetime import timedelta
-
     deepspeed.init_distributed(timeout=timedelta(minutes=args.dist_timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
     # Rank 0 tells what it does (data statistics, chosen kernels); the others speak only of problems.
@@ -165,7 +163,7 @@ def main():
 
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
-        resolved = {"args": {k: v for k, v in vars(args).items()}, "deepspeed": ds_config,
+        resolved = {"args": vars(args), "deepspeed": ds_config,
                     "model": config.to_dict(), "world_size": world}
         write_atomic(save_dir / "run_config.json", json.dumps(resolved, indent=2, default=str))
 

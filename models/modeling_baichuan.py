@@ -387,7 +387,7 @@ class BaiChuanForCausalLM(BaiChuanPreTrainedModel, GenerationMixin):
             return total / count.clamp(min=1)
         labels = labels.reshape(-1)  # [b*(s-1)]
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [b*(s-1), h]
-        chunk = getattr(self.config, "loss_chunk_size", 0) or 0
+        chunk = self.config.loss_chunk_size
         if chunk <= 0:
             total = _chunk_loss_sum(self.lm_head, hidden, labels)
         elif not hasattr(self.lm_head.weight, "ds_id"):
@@ -412,7 +412,7 @@ class BaiChuanForCausalLM(BaiChuanPreTrainedModel, GenerationMixin):
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
         hidden = out.last_hidden_state  # [b, s, h]
         loss = logits = None
-        chunked = labels is not None and (getattr(self.config, "loss_chunk_size", 0) or 0) > 0
+        chunked = labels is not None and self.config.loss_chunk_size > 0
         if return_logits or (return_logits is None and not chunked):
             keep = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
             logits = self.lm_head(keep)  # [b, s or logits_to_keep, vocab]

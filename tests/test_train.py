@@ -169,6 +169,24 @@ def test_two_nodes_on_one_machine(workdir):
                                                            "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
 
 
+def test_resume_tag_choice_and_errors(tmp_path):
+    from checkpointing import resolve_resume_tag
+
+    assert resolve_resume_tag(tmp_path / "absent", "auto") is None  # a fresh run
+    (tmp_path / "step2").mkdir()
+    (tmp_path / "step2" / "complete.json").write_text("{}")
+    (tmp_path / "step3").mkdir()  # the job died while saving it
+    assert resolve_resume_tag(tmp_path, "auto") is None  # no `latest` yet
+    (tmp_path / "latest").write_text("step2")
+    assert resolve_resume_tag(tmp_path, "auto") == "step2"
+    assert resolve_resume_tag(tmp_path, "step2") == "step2"
+    assert resolve_resume_tag(tmp_path, "none") is None
+    with pytest.raises(ValueError, match=r"--resume step3: .*step3 is a half-written checkpoint"):
+        resolve_resume_tag(tmp_path, "step3")
+    with pytest.raises(FileNotFoundError, match=r"--resume step9: there is no checkpoint folder .*complete tags: step2"):
+        resolve_resume_tag(tmp_path, "step9")
+
+
 def test_one_rank_with_bad_data_stops_every_rank(workdir):
     """Rank 1's only file has no usable line: the run stops with that error instead of hanging."""
     data = workdir / "bad-data"
