@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from checkpointing import (check_folder_config, load_folder_weights, mark_complete, read_json, resolve_resume_tag,
                            write_atomic)
+import recovery
 from data_utils import DataEngine
 from models.configuration_baichuan import BaiChuanConfig
 from models.flops import flops_per_token, peak_tflops_for
@@ -63,17 +64,40 @@ def parse_args():
     p.add_argument("--dist_timeout_minutes", type=int, default=30,
                    help="a collective that waits longer than this fails instead of hanging")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    r = p.add_argument_group("recovery (docs/recovery.md)")
+    r.add_argument("--max_skipped_steps", type=int, default=5,
+                   help="stop after this many consecutive steps with a non-finite loss or gradient norm, whose "
+                        "updates are skipped (default 5)")
+    r.add_argument("--spike_window", type=int, default=100,
+                   help="steps in the loss-spike detector's moving window; 0 turns it off (default 100)")
+    r.add_argument("--spike_k", type=float, default=6.0,
+                   help="a step loss above mean + k * std of the window is a spike (default 6)")
+    r.add_argument("--rollback_on_spike", action="store_true",
+                   help="on a spike, go back to the last complete checkpoint and step over the spike's batches")
+    r.add_argument("--hang_timeout", type=float, default=0,
+                   help="exit non-zero with every thread's stack when no step completes for this many seconds "
+                        "(the first step included); 0 = off (default 0)")
+    r.add_argument("--keep_last", type=int, default=0,
+                   help="keep the newest N complete checkpoints, deleting older ones after each save; 0 keeps "
+                        "all (default 0)")
+    r.add_argument("--keep_every", type=int, default=0,
+                   help="with --keep_last, also keep every M-th save (step a multiple of M * --steps_per_epoch); "
+                        "0 = none (default 0)")
+    r.add_argument("--max_restarts_per_hour", type=int, default=10,
+                   help="under torchrun, stop when restarts come faster than this (default 10)")
+    r.add_argument("--keep_schedule", action="store_true",
+                   help="when --max_steps grows on resume, keep the learning-rate schedule's old length")
     p = deepspeed.add_config_arguments(p)
     args = p.parse_args()
     if args.deepspeed_config is None:
         p.error("--deepspeed_config is required (see config/deepspeed.json)")
-    for flag in ("max_length", "steps_per_epoch", "max_steps", "checkpoint_every"):
+    for flag in ("max_length", "steps_per_epoch", "max_steps", "checkpoint_every", "max_skipped_steps"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
     return args
 
 
-def load_ds_config(args) -> dict:
+def load_ds_config(args, schedule_steps: int) -> dict:
     path = Path(args.deepspeed_config)
     if not path.is_file():
         raise FileNotFoundError(f"--deepspeed_config {path}: no such file")
@@ -81,7 +105,7 @@ def load_ds_config(args) -> dict:
     # The schedule's length is the run's length: "auto" takes --max_steps rather than repeating it.
     sched = ds.get("scheduler", {}).get("params", {})
     if sched.get("total_num_steps") == "auto":
-        sched["total_num_steps"] = args.max_steps
+        sched["total_num_steps"] = schedule_steps
     return ds
 
 
@@ -107,17 +131,29 @@ def main():
     args = parse_args()
 
     # ---- distributed init ------------------------------------------------------------------------------
-    deepspeed.init_distributed(timeout=timedelta(minutes=args.dist_timeout_minutes))
+    recovery.init_distributed(timeout=timedelta(minutes=args.dist_timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
+    recovery.remove_shm_buffers_at_exit(rank)
     # Rank 0 tells what it does (data statistics, chosen kernels); the others speak only of problems.
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     device = deepspeed.get_accelerator().current_device_name()
     torch.manual_seed(args.seed)
-    ds_config = load_ds_config(args)
+    save_dir = Path(args.checkpoint_saving_path)
+    resume_tag = resolve_resume_tag(save_dir, args.resume)
+    resumed_info = recovery.read_complete_info(save_dir, resume_tag)
+    if resumed_info.get("step", 0) >= args.max_steps:
+        if rank == 0:
+            print(f"already complete: {save_dir / resume_tag} is at step {resumed_info['step']} "
+                  f"(--max_steps {args.max_steps})", flush=True)
+        return
+    if resume_tag:
+        recovery.check_world_size(resumed_info, resume_tag, world)
+    schedule_steps = recovery.schedule_length(args.max_steps, resumed_info.get("schedule_steps"),
+                                              args.keep_schedule)
+    ds_config = load_ds_config(args, schedule_steps)
     micro_bs = ds_config.get("train_micro_batch_size_per_gpu", 1)
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-    save_dir = Path(args.checkpoint_saving_path)
 
     # ---- data ------------------------------------------------------------------------------------------
     error = None
@@ -138,7 +174,6 @@ def main():
     if config.vocab_size < data.vocab_size:
         raise ValueError(f"tokenizer {args.tokenizer_path} has {data.vocab_size} pieces but the model's "
                          f"vocab_size is {config.vocab_size}")
-    resume_tag = resolve_resume_tag(save_dir, args.resume)
     if args.init_from and not resume_tag:
         check_folder_config(Path(args.init_from), config)
     if zero3:
@@ -160,6 +195,7 @@ def main():
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=ds_config)
     gas = engine.gradient_accumulation_steps()
+    recovery.check_skip_supported(engine)
 
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -168,28 +204,46 @@ def main():
         write_atomic(save_dir / "run_config.json", json.dumps(resolved, indent=2, default=str))
 
     # ---- resume ----------------------------------------------------------------------------------------
-    step = 0
-    if resume_tag:
-        _, client = engine.load_checkpoint(str(save_dir), tag=resume_tag)
-        step = client["step"]
-        data.load_state_dict(client["data"])
-        if rank == 0:
-            print(f"resumed from {save_dir / resume_tag} at step {step}", flush=True)
     metrics_path = save_dir / "metrics.jsonl"
-    if rank == 0 and metrics_path.exists():
-        # Steps after the checkpoint were lost with the killed run and will be trained again.
-        kept = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        write_atomic(metrics_path, "".join(line + "\n" for line in kept))
+    guard = recovery.NonFiniteGuard(args.max_skipped_steps)
+
+    def resume(tag) -> int:
+        step = 0
+        if tag:
+            _, client = engine.load_checkpoint(str(save_dir), tag=tag)
+            step = client["step"]
+            data.load_state_dict(client["data"])
+            guard.total = client.get("skipped_steps", 0)
+            if rank == 0:
+                print(f"resumed from {save_dir / tag} at step {step}", flush=True)
+        if rank == 0 and metrics_path.exists():
+            # Steps after the checkpoint were lost with the killed run and will be trained again; events stay.
+            kept = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and ("event" in json.loads(line) or json.loads(line)["step"] <= step)]
+            write_atomic(metrics_path, "".join(line + "\n" for line in kept))
+        return step
+
+    step = resume(resume_tag)
+    error = None
+    if rank == 0:
+        try:
+            recovery.note_restart(metrics_path, step, args.max_restarts_per_hour)
+        except RuntimeError as e:
+            error = e
+    all_ranks_ok(error, "the restart check")
+    skips = recovery.load_skips(save_dir)
 
     def save(tag_step: int):
         tag = f"step{tag_step}"
-        client = {"step": tag_step, "data": data.state_dict(), "model_config": config.to_dict()}
+        client = {"step": tag_step, "data": data.state_dict(), "model_config": config.to_dict(),
+                  "skipped_steps": guard.total, "skipped_batches": skips}
         engine.save_checkpoint(str(save_dir), tag=tag, client_state=client, save_latest=False)
         dist.barrier()  # every rank's shards are on disk before the tag is sealed
         if rank == 0:
-            mark_complete(save_dir, tag, {"step": tag_step, "world_size": world, "time": time.time()})
+            mark_complete(save_dir, tag, {"step": tag_step, "world_size": world, "schedule_steps": schedule_steps,
+                                          "time": time.time()})
             print(f"saved checkpoint {save_dir / tag}", flush=True)
+            recovery.prune_checkpoints(save_dir, args.keep_last, args.keep_every, args.steps_per_epoch)
         dist.barrier()
 
     # ---- loop ------------------------------------------------------------------------------------------
@@ -198,16 +252,51 @@ def main():
     peak = peak_tflops(args)
     print_every = ds_config.get("steps_per_print", 10)
     engine.train()
+    spikes = recovery.SpikeDetector(args.spike_window, args.spike_k)
+    watchdog = recovery.Watchdog(args.hang_timeout, on_exit=lambda: recovery.remove_shm_buffers(rank))
     window_loss, window_steps, t0 = torch.zeros((), device=device), 0, time.perf_counter()
     while step < args.max_steps:
+        recovery.step_over_skips(data, skips)
+        data_start, skipped_before, losses, spike_offset = data.step, engine.skipped_steps, [], 0.0
         for _ in range(gas):
+            data_step = data.step
             batch = data.get_data()  # [micro_bs, max_length + 1]
             loss = engine(batch, labels=batch).loss  # the model shifts: max_length predictions per row
+            loss, offset = recovery.apply_test_hooks(loss, data_step, rank)
+            spike_offset += offset / gas
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-            window_loss += loss.detach().float() / gas
+            losses.append(loss.detach().float())
+        if guard.after_step(engine, skipped_before, step, data, data_start, losses):
+            watchdog.beat()  # DeepSpeed discarded the update: `step` and the schedule stay, the data moved on
+            continue
+        step_loss = sum(losses) / gas
+        if args.spike_window > 0:
+            seen = step_loss + spike_offset
+            dist.all_reduce(seen)
+            if spikes.is_spike(seen.item() / world):
+                event = {"event": "spike", "step": step + 1, "loss": seen.item() / world,
+                         "data_batches": [data_start, data.step], "rollback": args.rollback_on_spike,
+                         "time": time.time()}
+                if rank == 0:
+                    print(f"loss spike: {event}", flush=True)
+                    with open(metrics_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(event) + "\n")
+                if args.rollback_on_spike and (save_dir / "latest").is_file():
+                    if rank == 0:
+                        recovery.add_skip(save_dir, data_start, data.step)
+                    dist.barrier()
+                    skips = recovery.load_skips(save_dir)
+                    step = resume(resolve_resume_tag(save_dir, "auto"))
+                    spikes = recovery.SpikeDetector(args.spike_window, args.spike_k)
+                    window_loss.zero_()
+                    window_steps, t0 = 0, time.perf_counter()
+                    watchdog.beat()
+                    continue
+        window_loss += step_loss
         step += 1
         window_steps += 1
+        watchdog.beat()
 
         if step % print_every == 0 or step == args.max_steps:
             dist.all_reduce(window_loss)
@@ -218,7 +307,8 @@ def main():
             record = {"step": step, "loss": window_loss.item() / world / window_steps, "lr": engine.get_lr()[0],
                       "grad_norm": None if grad_norm is None else float(grad_norm),
                       "tokens_per_sec": tokens_per_sec, "tflops": tflops,
-                      "mfu": tflops / peak if peak else None, "epoch": data.epoch, "time": time.time()}
+                      "mfu": tflops / peak if peak else None, "epoch": data.epoch, "skipped_steps": guard.total,
+                      "time": time.time()}
             if rank == 0:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                                if k != "time"), flush=True)
@@ -232,6 +322,10 @@ def main():
 
         if step % args.steps_per_epoch == 0 or step == args.max_steps:
             save(step)
+            watchdog.beat()
+    watchdog.stop()
+    if rank == 0:
+        print(f"training complete: reached --max_steps {args.max_steps}", flush=True)
 
 
 if __name__ == "__main__":
