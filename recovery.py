@@ -229,6 +229,22 @@ class SpikeDetector:
         self.history.append(loss)
         return False
 
+    def check(self, step_loss: torch.Tensor, step: int, data_batches: List[int], metrics_path: Path) -> bool:
+        """Every rank: average `step_loss` over the ranks and test it; rank 0 logs a spike event."""
+        if self.window <= 0:
+            return False
+        mean = step_loss.detach().clone()
+        dist.all_reduce(mean)
+        loss = mean.item() / dist.get_world_size()
+        if not self.is_spike(loss):
+            return False
+        if dist.get_rank() == 0:
+            event = {"event": "spike", "step": step, "loss": loss, "data_batches": data_batches, "time": time.time()}
+            print(f"loss spike: {event}", flush=True)
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(event) + "\n")
+        return True
+
 
 def load_skips(save_dir: Path) -> List[List[int]]:
     """[start, end) ranges of data steps that every later run steps over (written when a spike rolled back)."""
@@ -255,7 +271,7 @@ def add_skip(save_dir: Path, start: int, end: int) -> None:
 
 def step_over_skips(data, ranges) -> None:
     """Move the data position past any skipped range it stands in (before fetching a batch)."""
-    for start, end in ranges:
+    for start, end in sorted(ranges):
         if start <= data.step < end:
             state = data.state_dict()
             state["step"] = end

@@ -206,6 +206,7 @@ def main():
     # ---- resume ----------------------------------------------------------------------------------------
     metrics_path = save_dir / "metrics.jsonl"
     guard = recovery.NonFiniteGuard(args.max_skipped_steps)
+    skips = recovery.load_skips(save_dir)  # data ranges stepped over after spikes, [start, end)
 
     def resume(tag) -> int:
         step = 0
@@ -214,6 +215,7 @@ def main():
             step = client["step"]
             data.load_state_dict(client["data"])
             guard.total = client.get("skipped_steps", 0)
+            skips.extend(r for r in client.get("skipped_batches", []) if r not in skips)
             if rank == 0:
                 print(f"resumed from {save_dir / tag} at step {step}", flush=True)
         if rank == 0 and metrics_path.exists():
@@ -231,7 +233,6 @@ def main():
         except RuntimeError as e:
             error = e
     all_ranks_ok(error, "the restart check")
-    skips = recovery.load_skips(save_dir)
 
     def save(tag_step: int):
         tag = f"step{tag_step}"
@@ -271,28 +272,19 @@ def main():
             watchdog.beat()  # DeepSpeed discarded the update: `step` and the schedule stay, the data moved on
             continue
         step_loss = sum(losses) / gas
-        if args.spike_window > 0:
-            seen = step_loss + spike_offset
-            dist.all_reduce(seen)
-            if spikes.is_spike(seen.item() / world):
-                event = {"event": "spike", "step": step + 1, "loss": seen.item() / world,
-                         "data_batches": [data_start, data.step], "rollback": args.rollback_on_spike,
-                         "time": time.time()}
-                if rank == 0:
-                    print(f"loss spike: {event}", flush=True)
-                    with open(metrics_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(event) + "\n")
-                if args.rollback_on_spike and (save_dir / "latest").is_file():
-                    if rank == 0:
-                        recovery.add_skip(save_dir, data_start, data.step)
-                    dist.barrier()
-                    skips = recovery.load_skips(save_dir)
-                    step = resume(resolve_resume_tag(save_dir, "auto"))
-                    spikes = recovery.SpikeDetector(args.spike_window, args.spike_k)
-                    window_loss.zero_()
-                    window_steps, t0 = 0, time.perf_counter()
-                    watchdog.beat()
-                    continue
+        spike = spikes.check(step_loss + spike_offset, step + 1, [data_start, data.step], metrics_path)
+        if spike and args.rollback_on_spike and (save_dir / "latest").is_file():
+            # Back to the last complete checkpoint, and from now on past this step's batches.
+            if rank == 0:
+                recovery.add_skip(save_dir, data_start, data.step)
+            dist.barrier()
+            skips.append([data_start, data.step])
+            step = resume(resolve_resume_tag(save_dir, "auto"))
+            spikes = recovery.SpikeDetector(args.spike_window, args.spike_k)
+            window_loss.zero_()
+            window_steps, t0 = 0, time.perf_counter()
+            watchdog.beat()
+            continue
         window_loss += step_loss
         step += 1
         window_steps += 1

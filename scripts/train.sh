@@ -10,6 +10,12 @@
 #
 # Environment overrides: HOSTFILE, DS_CONFIG, MODEL (preset or config.json), GPUS_PER_NODE, DATA_DIR,
 # TOKENIZER, SAVE_DIR, MAX_LENGTH, MAX_STEPS, MASTER_PORT. Extra arguments go to train.py unchanged.
+#
+# LAUNCHER=torchrun starts the same training under torch elastic instead, which restarts failed workers from the
+# latest complete checkpoint (docs/recovery.md). Run it on every node (scripts/train.slurm does so under Slurm):
+#   LAUNCHER=torchrun NNODES=2 RDZV_ENDPOINT=node1:29400 GPUS_PER_NODE=8 scripts/train.sh
+# with MAX_RESTARTS (default 3), NNODES (default 1; MIN:MAX for elastic membership), RDZV_ENDPOINT (default
+# localhost:$MASTER_PORT) and RDZV_ID (default baichuan).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +29,26 @@ is_template() {
   # Template = no host line other than the YOUR_NODE_ placeholders.
   ! grep -Ev '^[[:space:]]*(#|$)' "$1" | grep -Ev '^[[:space:]]*YOUR_NODE_' | grep -q .
 }
+
+LAUNCHER=${LAUNCHER:-deepspeed}
+if [ "$LAUNCHER" = torchrun ]; then
+  GPUS=$( (command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -c '^GPU') || echo 0)
+  NPROC=${GPUS_PER_NODE:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 2)}
+  NNODES=${NNODES:-1}
+  DS_CONFIG=${DS_CONFIG:-$([ "$NNODES" = 1 ] && [ "$GPUS" = 0 ] && echo config/deepspeed_tiny.json || echo config/deepspeed.json)}
+  MODEL=${MODEL:-$([ "$DS_CONFIG" = config/deepspeed_tiny.json ] && echo tiny || echo 7b)}
+  MAX_LENGTH=${MAX_LENGTH:-$([ "$MODEL" = tiny ] && echo 256 || echo 4096)}
+  MAX_STEPS=${MAX_STEPS:-$([ "$MODEL" = tiny ] && echo 100 || echo 100000)}
+  SAVE_DIR=${SAVE_DIR:-checkpoints/$MODEL}
+  exec torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "${MAX_RESTARTS:-3}" \
+    --rdzv-backend c10d --rdzv-endpoint "${RDZV_ENDPOINT:-localhost:$MASTER_PORT}" --rdzv-id "${RDZV_ID:-baichuan}" \
+    train.py --deepspeed --deepspeed_config "$DS_CONFIG" --model_config "$MODEL" --data_dir "$DATA_DIR" \
+    --tokenizer_path "$TOKENIZER" --max_length "$MAX_LENGTH" --max_steps "$MAX_STEPS" \
+    --checkpoint_saving_path "$SAVE_DIR" "$@"
+elif [ "$LAUNCHER" != deepspeed ]; then
+  echo "train.sh: LAUNCHER must be deepspeed or torchrun, not '$LAUNCHER'" >&2
+  exit 2
+fi
 
 if is_template "$HOSTFILE"; then
   GPUS=$( (command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -c '^GPU') || echo 0)

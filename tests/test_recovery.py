@@ -16,7 +16,7 @@ import pytest
 
 import recovery
 from conftest import ROOT
-from test_train import TOKENIZER, ds_config, free_port, losses, run, train_cmd
+from test_train import TOKENIZER, ds_config, free_port, run, train_cmd
 
 pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(), reason="tokenizer.model missing at the repo root")
 
@@ -24,6 +24,12 @@ STEPS, EVERY = 16, 4
 # Data batch 5 gives a NaN loss on rank 1 (skipped), batch 13 a spike (rolled back and stepped over).
 NAN_BATCH, SPIKE_BATCH = 5, 13
 RECOVERY_FLAGS = ("--max_steps", STEPS, "--steps_per_epoch", EVERY, "--spike_window", 4, "--spike_k", 10)
+
+
+def losses(save: Path):
+    """Step losses from metrics.jsonl, leaving out the restart and spike events."""
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "event" not in r}
 
 
 def shm_buffers(port: int):
