@@ -177,21 +177,21 @@ def batch_sources(data, data_step: int) -> List[str]:
 
 
 class NonFiniteGuard:
-    """Tracks discarded updates; raises NonFiniteError after `max_consecutive` in a row."""
+    """Watches DeepSpeed's count of discarded updates (engine.skipped_steps, kept in its checkpoints); raises
+    NonFiniteError after `max_consecutive` in a row."""
 
-    def __init__(self, max_consecutive: int, total: int = 0):
-        self.max_consecutive, self.total, self.consecutive = max_consecutive, total, 0
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive, self.consecutive = max_consecutive, 0
 
     def after_step(self, engine, skipped_before: int, step: int, data, data_start: int, local_losses) -> bool:
         """Call after the accumulation boundary's engine.step(); True when DeepSpeed discarded the update."""
         if engine.skipped_steps == skipped_before:
             self.consecutive = 0
             return False
-        self.total += 1
         self.consecutive += 1
         bad_here = [i for i, v in enumerate(local_losses) if not math.isfinite(v)]
         logger.warning("step %d: non-finite loss or gradient norm; update skipped (%d in a row, %d in all), data "
-                       "batches %d-%d", step + 1, self.consecutive, self.total, data_start, data.step - 1)
+                       "batches %d-%d", step + 1, self.consecutive, engine.skipped_steps, data_start, data.step - 1)
         if self.consecutive >= self.max_consecutive:
             # Every rank says which of its batches went bad; the error names them all.
             mine = {"rank": dist.get_rank(), "nonfinite_micro_batches": bad_here,

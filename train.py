@@ -214,7 +214,6 @@ def main():
             _, client = engine.load_checkpoint(str(save_dir), tag=tag)
             step = client["step"]
             data.load_state_dict(client["data"])
-            guard.total = client.get("skipped_steps", 0)
             skips.extend(r for r in client.get("skipped_batches", []) if r not in skips)
             if rank == 0:
                 print(f"resumed from {save_dir / tag} at step {step}", flush=True)
@@ -237,7 +236,7 @@ def main():
     def save(tag_step: int):
         tag = f"step{tag_step}"
         client = {"step": tag_step, "data": data.state_dict(), "model_config": config.to_dict(),
-                  "skipped_steps": guard.total, "skipped_batches": skips}
+                  "skipped_batches": skips}
         engine.save_checkpoint(str(save_dir), tag=tag, client_state=client, save_latest=False)
         dist.barrier()  # every rank's shards are on disk before the tag is sealed
         if rank == 0:
@@ -299,7 +298,7 @@ def main():
             record = {"step": step, "loss": window_loss.item() / world / window_steps, "lr": engine.get_lr()[0],
                       "grad_norm": None if grad_norm is None else float(grad_norm),
                       "tokens_per_sec": tokens_per_sec, "tflops": tflops,
-                      "mfu": tflops / peak if peak else None, "epoch": data.epoch, "skipped_steps": guard.total,
+                      "mfu": tflops / peak if peak else None, "epoch": data.epoch, "skipped_steps": engine.skipped_steps,
                       "time": time.time()}
             if rank == 0:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
