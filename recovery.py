@@ -107,6 +107,9 @@ def init_distributed(timeout: timedelta) -> None:
         dist.init_process_group(backend, store=dist.PrefixStore(f"baichuan_attempt{attempt}/", store), rank=rank,
                                 world_size=world, timeout=timeout, **kwargs)
     deepspeed.init_distributed(timeout=timeout)  # with a group in place, this only sets DeepSpeed's backend up
+    # DeepSpeed maps the peers' shared-memory buffers after its own, waiting for each name to exist: no rank may
+    # exit (and remove its buffer) before every rank has mapped them, or that peer waits forever.
+    dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------------
