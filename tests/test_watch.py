@@ -87,3 +87,85 @@ def test_document_mask_varlen_layout():
     dense = DocumentMask(ids).dense()
     assert dense.shape == (2, 1, 6, 6)
     assert dense[0, 0, 3].tolist() == [False, False, True, True, False, False]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The schedule
+
+
+def test_schedule_first_step_is_warmup_not_zero_and_last_is_floor():
+    s = WarmupCosine(total_num_steps=10, warmup_num_steps=4, warmup_min_ratio=0.0, cos_min_ratio=0.1,
+                     warmup_type="linear")
+    assert [s.ratio(k) for k in range(1, 5)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert s.ratio(10) == pytest.approx(0.1) and s.ratio(11) == pytest.approx(0.1)
+    assert s.ratio(7) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi * 3 / 6)) / 2)
+    assert s(0) == s.ratio(1)  # LambdaLR's index 0 is optimizer step 1
+
+
+def test_schedule_from_config_refuses_what_it_cannot_drive():
+    with pytest.raises(ValueError, match="drives WarmupCosineLR only"):
+        schedule_from_config({"scheduler": {"type": "WarmupLR", "params": {}}})
+    with pytest.raises(ValueError, match=r"\['warmup_max_lr'\] are not understood"):
+        schedule_from_config({"scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": 5, "warmup_num_steps": 1, "warmup_max_lr": 1.0}}})
+    with pytest.raises(ValueError, match="warmup_type"):
+        schedule_from_config({"scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": 5, "warmup_num_steps": 1, "warmup_type": "cubic"}}})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Held-out documents
+
+
+def test_held_out_documents_never_reach_the_training_stream(tmp_path):
+    from data_utils import DataEngine, is_held_out
+    from test_train import TOKENIZER
+    from conftest import ROOT
+
+    def documents(engine):
+        tokens = [engine.sample_array(i) for i in range(engine.num_samples)]
+        flat = torch.from_numpy(__import__("numpy").concatenate(tokens)).tolist()
+        docs, cur = set(), []
+        for t in flat:
+            cur.append(t)
+            if t == EOS:
+                docs.add(tuple(cur))
+                cur = []
+        return docs
+
+    kw = dict(micro_batch_size=1, max_length=64, world_size=1, rank=0, cache_dir=tmp_path, num_workers=1)
+    train = DataEngine(ROOT / "data_dir", TOKENIZER, holdout=(0.2, False), **kw).load_data()
+    held = DataEngine(ROOT / "data_dir", TOKENIZER, holdout=(0.2, True), **kw).load_data()
+    everything = DataEngine(ROOT / "data_dir", TOKENIZER, **kw).load_data()
+    assert 0.1 < held.num_tokens / everything.num_tokens < 0.3
+    # Whole documents only (the first and last of each stream may be cut by the sample boundary).
+    train_docs, held_docs = documents(train), documents(held)
+    assert held_docs and not (train_docs & held_docs)
+    assert train.num_tokens + held.num_tokens == everything.num_tokens
+    assert train.fingerprint != everything.fingerprint  # a resume cannot silently change sides
+    # The split is a function of the text alone.
+    assert is_held_out("some document", 0.5) == is_held_out("some document", 0.5)
+    assert sum(is_held_out(f"doc {i}", 0.25) for i in range(4000)) == pytest.approx(1000, abs=120)
+
+
+def test_bad_validation_flags_are_refused_at_launch(tmp_path, monkeypatch, capsys):
+    import train
+    from training.validation import build_validation
+
+    base = ["train.py", "--deepspeed_config", "x.json"]
+    for extra, message in ((["--val_fraction", "0.7"], "--val_fraction must lie in (0, 0.5]"),
+                           (["--val_fraction", "0"], "--val_fraction must lie in (0, 0.5]"),
+                           (["--val_fraction", "0.1", "--val_dir", "v"], "not both")):
+        monkeypatch.setattr("sys.argv", base + extra)
+        with pytest.raises(SystemExit):
+            train.parse_args()
+        assert message in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", base + ["--val_dir", str(tmp_path / "absent")])
+    args = train.parse_args()
+    args.tokenizer_path, args.max_length, args.num_workers, args.cache_dir = "tokenizer.model", 64, 1, tmp_path
+    with pytest.raises(FileNotFoundError, match=r"--val_dir .*absent: data_dir not found"):
+        build_validation(args, 0, 1, "cpu")
+    (tmp_path / "empty").mkdir()
+    args.val_dir = str(tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"--val_dir .*empty: no data files"):
+        build_validation(args, 0, 1, "cpu")
