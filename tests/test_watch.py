@@ -169,3 +169,138 @@ def test_bad_validation_flags_are_refused_at_launch(tmp_path, monkeypatch, capsy
     args.val_dir = str(tmp_path / "empty")
     with pytest.raises(ValueError, match=r"--val_dir .*empty: no data files"):
         build_validation(args, 0, 1, "cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Through the launcher: our run against a textbook PyTorch loop, validation, and the metrics log
+
+STEPS, WARMUP, PEAK, EVAL_TOKENS = 6, 2, 2e-3, 256
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory):
+    """The same 6-step, 2-rank ZeRO-2 run from one initial folder, with validation every 3 steps and without."""
+    import json
+
+    from test_train import ds_config, run, train_cmd
+
+    work = tmp_path_factory.mktemp("watch")
+    torch.manual_seed(0)
+    init = work / "init"
+    BaiChuanForCausalLM(BaiChuanConfig.from_name("tiny")).save_pretrained(init)
+    val = work / "val"
+    val.mkdir()
+    from conftest import ROOT
+    lines = (ROOT / "data_dir" / "part-0007.txt").read_text(encoding="utf-8").splitlines()
+    (val / "a.txt").write_text("\n".join(lines[:40]) + "\n", encoding="utf-8")
+    (val / "b.txt").write_text("\n".join(lines[40:80]) + "\n", encoding="utf-8")
+    config = ds_config(work / "ds.json", total_steps=STEPS)
+    cfg = json.loads(config.read_text())
+    cfg["scheduler"]["params"]["warmup_num_steps"] = WARMUP
+    cfg["optimizer"]["params"]["lr"] = PEAK
+    config.write_text(json.dumps(cfg))
+    runs = {}
+    for name, extra in (("eval", ["--val_dir", val, "--eval_every", 3, "--eval_tokens", EVAL_TOKENS]),
+                        ("plain", [])):
+        save = work / name
+        proc = run(train_cmd(save, config, "--max_steps", STEPS, "--steps_per_epoch", STEPS, "--resume", "none",
+                             "--init_from", init, *extra))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[name] = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    return {"init": init, "val": val, "runs": runs, "work": work}
+
+
+def textbook_loop(init, steps):
+    """transformers' LlamaForCausalLM + torch AdamW + LambdaLR + clip_grad_norm_ over the batches the two ranks
+    draw; returns per step (loss, lr applied, grad norm before clipping) and the model after each step."""
+    import copy
+    import json
+
+    from conftest import ROOT
+    from data_utils import DataEngine
+    from test_model import to_llama
+    from test_train import TOKENIZER
+
+    cfg = json.loads((ROOT / "config" / "deepspeed_tiny.json").read_text())["optimizer"]["params"]
+    ours = BaiChuanForCausalLM.from_pretrained(init)
+    llama = to_llama(ours).train()
+    opt = torch.optim.AdamW(llama.parameters(), lr=PEAK, betas=tuple(cfg["betas"]), eps=cfg["eps"],
+                            weight_decay=cfg["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(STEPS, WARMUP, 0.0, 0.1, "linear"))
+    engines = [DataEngine(ROOT / "data_dir", TOKENIZER, 2, 64, world_size=2, rank=r, num_workers=1,
+                          cache_dir=False, show_progress=False).load_data() for r in range(2)]
+    # Each rank runs the engines' load_data sync alone here; both hold enough samples for 6 steps either way.
+    out, models = [], []
+    for k in range(steps):
+        opt.zero_grad()
+        losses = []
+        for e in engines:
+            batch = torch.from_numpy(e.batch_array(k))
+            losses.append(llama(batch, labels=batch).loss)
+        loss = sum(losses) / 2  # DeepSpeed averages the two ranks' gradients
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(llama.parameters(), 1.0)
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        out.append((loss.item(), lr, norm.item()))
+        models.append(copy.deepcopy(llama).eval())
+    return out, models
+
+
+def independent_val_loss(model, val_dir):
+    """Tokenize the held-out files with SentencePiece directly, as the data rules say, and average the loss
+    of the first EVAL_TOKENS predictions' samples over full logits."""
+    import sentencepiece as spm
+
+    from test_train import TOKENIZER
+
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+    stream = []
+    for path in sorted(val_dir.iterdir()):
+        for line in path.read_text(encoding="utf-8").split("\n")[:-1]:
+            ids = sp.encode(line.strip()) + [EOS]
+            if len(ids) >= 20:
+                stream += ids
+    n = EVAL_TOKENS // 64
+    batch = torch.tensor(stream[:n * 65]).view(n, 65)  # [samples, max_length + 1]
+    with torch.no_grad():
+        logits = model(batch[:, :-1]).logits.float()  # [n, 64, vocab]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).item()
+
+
+def test_training_agrees_with_a_textbook_loop_and_logs_each_figure_for_its_step(watched):
+    ours = [r for r in watched["runs"]["plain"] if "loss" in r]
+    assert [r["step"] for r in ours] == list(range(1, STEPS + 1))
+    reference, _ = textbook_loop(watched["init"], STEPS)
+    norms = [norm for _, _, norm in reference]
+    for i, (record, (loss, lr, norm)) in enumerate(zip(ours, reference)):
+        assert record["loss"] == pytest.approx(loss, abs=1e-5), record["step"]
+        assert record["lr"] == pytest.approx(lr, rel=1e-12), record["step"]
+        # The step's own norm (ZeRO-2 sums the partitions' squares in another order: 1e-4 apart), not a
+        # neighbour's.
+        assert record["grad_norm"] == pytest.approx(norm, rel=1e-3), record["step"]
+        assert all(abs(record["grad_norm"] - other) > abs(record["grad_norm"] - norm)
+                   for j, other in enumerate(norms) if j != i), record["step"]
+        assert record["window_steps"] == 1
+    # The schedule as configured: the first step warms up (not 0), step W is the peak, the last is the floor.
+    assert [r["lr"] for r in ours[:WARMUP]] == pytest.approx([PEAK / WARMUP * k for k in range(1, WARMUP + 1)])
+    assert ours[-1]["lr"] == pytest.approx(0.1 * PEAK)
+
+
+def test_validation_loss_is_right_and_changes_no_training_step(watched):
+    runs = watched["runs"]
+    train_eval = {r["step"]: r["loss"] for r in runs["eval"] if "loss" in r}
+    train_plain = {r["step"]: r["loss"] for r in runs["plain"] if "loss" in r}
+    assert train_eval == train_plain  # exactly: evaluation does not change training
+    val = {r["step"]: r for r in runs["eval"] if "val_loss" in r}
+    assert sorted(val) == [0, 3, 6]  # at the start, every --eval_every steps and at the end
+    assert all(r["val_tokens"] == EVAL_TOKENS for r in val.values())
+    assert val[0]["val_ppl"] == pytest.approx(math.exp(val[0]["val_loss"]))
+    start = BaiChuanForCausalLM.from_pretrained(watched["init"]).eval()
+    assert val[0]["val_loss"] == pytest.approx(independent_val_loss(start, watched["val"]), abs=1e-5)
+    _, models = textbook_loop(watched["init"], STEPS)
+    for step in (3, 6):
+        assert val[step]["val_loss"] == pytest.approx(independent_val_loss(models[step - 1], watched["val"]),
+                                                      abs=1e-4), step
+    assert val[6]["val_loss"] < val[0]["val_loss"] - 0.5
