@@ -269,10 +269,15 @@ def independent_val_loss(model, val_dir):
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).item()
 
 
-def test_training_agrees_with_a_textbook_loop_and_logs_each_figure_for_its_step(watched):
+@pytest.fixture(scope="module")
+def textbook(watched):
+    return textbook_loop(watched["init"], STEPS)
+
+
+def test_training_agrees_with_a_textbook_loop_and_logs_each_figure_for_its_step(watched, textbook):
     ours = [r for r in watched["runs"]["plain"] if "loss" in r]
     assert [r["step"] for r in ours] == list(range(1, STEPS + 1))
-    reference, _ = textbook_loop(watched["init"], STEPS)
+    reference, _ = textbook
     norms = [norm for _, _, norm in reference]
     for i, (record, (loss, lr, norm)) in enumerate(zip(ours, reference)):
         assert record["loss"] == pytest.approx(loss, abs=1e-5), record["step"]
@@ -288,7 +293,7 @@ def test_training_agrees_with_a_textbook_loop_and_logs_each_figure_for_its_step(
     assert ours[-1]["lr"] == pytest.approx(0.1 * PEAK)
 
 
-def test_validation_loss_is_right_and_changes_no_training_step(watched):
+def test_validation_loss_is_right_and_changes_no_training_step(watched, textbook):
     runs = watched["runs"]
     train_eval = {r["step"]: r["loss"] for r in runs["eval"] if "loss" in r}
     train_plain = {r["step"]: r["loss"] for r in runs["plain"] if "loss" in r}
@@ -299,8 +304,31 @@ def test_validation_loss_is_right_and_changes_no_training_step(watched):
     assert val[0]["val_ppl"] == pytest.approx(math.exp(val[0]["val_loss"]))
     start = BaiChuanForCausalLM.from_pretrained(watched["init"]).eval()
     assert val[0]["val_loss"] == pytest.approx(independent_val_loss(start, watched["val"]), abs=1e-5)
-    _, models = textbook_loop(watched["init"], STEPS)
+    _, models = textbook
     for step in (3, 6):
         assert val[step]["val_loss"] == pytest.approx(independent_val_loss(models[step - 1], watched["val"]),
                                                       abs=1e-4), step
-    assert val[6]["val_loss"] < val[0]["val_loss"] - 0.5
+    assert val[6]["val_loss"] < val[0]["val_loss"] - 0.2
+
+
+def test_plot_loss_draws_validation_and_benchmark_curves(tmp_path):
+    import json
+
+    from conftest import ROOT
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_loss", ROOT / "scripts" / "plot_loss.py")
+    plot_loss = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_loss)
+    records = [{"step": 0, "val_loss": 11.0, "val_ppl": 6e4}]
+    records += [{"step": s, "loss": 10.0 - s / 10, "tokens_per_sec": 100.0} for s in range(1, 11)]
+    records += [{"step": 5, "val_loss": 9.6}, {"step": 5, "eval/mmlu/acc": 0.25, "eval/mmlu/p_correct": 0.26},
+                {"step": 10, "val_loss": 9.2}, {"step": 10, "eval/mmlu/acc": 0.3, "eval/mmlu/p_correct": 0.27}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    fig = plot_loss.plot([str(tmp_path)], tmp_path / "out.png", labels=["run"])
+    ax_loss, ax_eval, _ = fig.axes
+    train, val = ax_loss.get_lines()
+    assert list(train.get_xdata()) == list(range(1, 11))
+    assert list(val.get_xdata()) == [0, 5, 10] and list(val.get_ydata()) == [11.0, 9.6, 9.2]
+    assert list(ax_eval.get_lines()[0].get_ydata()) == [0.25, 0.3]
+    assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
