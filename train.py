@@ -28,6 +28,7 @@ from models.flops import flops_per_token, peak_tflops_for
 from models.kernels import compile_decoder_layers
 from models.modeling_baichuan import BaiChuanForCausalLM
 from training.documents import document_inputs
+from training.eval_tasks import EvalTasks, parse_eval_tasks
 from training.metrics import MetricsLog
 from training.schedule import lr_scheduler_factory
 from training.validation import build_validation, check_val_args
@@ -76,6 +77,14 @@ def parse_args():
                         "and end only); needs --val_dir or --val_fraction")
     p.add_argument("--eval_tokens", type=int, default=262_144,
                    help="held-out tokens (predictions) in the fixed validation set, split across ranks")
+    p.add_argument("--eval_tasks", default=None,
+                   help="benchmarks scored during training on a fixed seeded subset, e.g. mmlu:200,ceval:200 "
+                        "(tasks: mmlu, ceval, cmmlu, gaokao, agieval)")
+    p.add_argument("--eval_data_dir", default=None,
+                   help="with --eval_tasks: folder holding each task's folder in its official layout (mmlu/, "
+                        "ceval/, cmmlu/, gaokao-bench/, agieval/)")
+    p.add_argument("--eval_tasks_every", type=int, default=0,
+                   help="score --eval_tasks every this many steps (0 = at every checkpoint), and at the end")
     p.add_argument("--document_mask", action="store_true",
                    help="attention stays within each packed document and positions restart at each one "
                         "(default: the reference's plain causal attention over the packed row)")
@@ -88,6 +97,13 @@ def parse_args():
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
     check_val_args(args, p)
+    if args.eval_tasks is not None:
+        try:
+            parse_eval_tasks(args.eval_tasks)
+        except ValueError as e:
+            p.error(str(e))
+        if args.eval_data_dir is None:
+            p.error("--eval_tasks needs --eval_data_dir (the folder holding mmlu/, ceval/ ...)")
     return args
 
 
@@ -155,6 +171,14 @@ def main():
         except (OSError, ValueError) as e:
             error = e
         all_ranks_ok(error, "opening the validation data")
+    eval_tasks = None
+    if args.eval_tasks is not None:
+        error = None
+        try:
+            eval_tasks = EvalTasks(args.eval_tasks, args.eval_data_dir, args.tokenizer_path, args.seed)
+        except (OSError, ValueError) as e:
+            error = e
+        all_ranks_ok(error, "loading the --eval_tasks benchmarks")
 
     # ---- model and engine --------------------------------------------------------------------------------
     overrides = {"loss_chunk_size": args.loss_chunk_size, "use_cache": False}
@@ -267,6 +291,13 @@ def main():
 
         if step == args.max_steps or (args.eval_every and step % args.eval_every == 0):
             t0 += validate()
+
+        every = args.eval_tasks_every or args.steps_per_epoch
+        if eval_tasks is not None and (step % every == 0 or step == args.max_steps):
+            start = time.perf_counter()
+            metrics.write({"step": step, **eval_tasks.evaluate(engine),
+                           "eval_seconds": time.perf_counter() - start, "time": time.time()})
+            t0 += time.perf_counter() - start
 
         if step % args.steps_per_epoch == 0 or step == args.max_steps:
             save(step)

@@ -332,3 +332,104 @@ def test_plot_loss_draws_validation_and_benchmark_curves(tmp_path):
     assert list(val.get_xdata()) == [0, 5, 10] and list(val.get_ydata()) == [11.0, 9.6, 9.2]
     assert list(ax_eval.get_lines()[0].get_ydata()) == [0.25, 0.3]
     assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmarks during training, under ZeRO-3, against the evaluation script on the exported checkpoint
+
+
+def write_mmlu_fixture(root):
+    """Two MMLU subjects in the hendrycks layout: 5 dev rows and 5 test rows each."""
+    import csv
+    import random
+
+    rng = random.Random(0)
+    for subject in ("abstract_algebra", "anatomy"):
+        for split, rows in (("dev", 5), ("test", 5)):
+            (root / split).mkdir(parents=True, exist_ok=True)
+            with open(root / split / f"{subject}_{split}.csv", "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                for i in range(rows):
+                    a, b = rng.randint(2, 99), rng.randint(2, 99)
+                    options = [str(a + b + d) for d in rng.sample([0, 1, 2, 3], 4)]
+                    w.writerow([f"What is {a} plus {b}? ({subject} {split} {i})", *options,
+                                "ABCD"[options.index(str(a + b))]])
+
+
+def test_eval_tasks_subset_is_seeded_and_bad_tasks_are_clear_errors(tmp_path):
+    from test_train import TOKENIZER
+    from training.eval_tasks import EvalTasks, parse_eval_tasks
+
+    assert parse_eval_tasks("mmlu:200, ceval:50") == [("mmlu", 200), ("ceval", 50)]
+    with pytest.raises(ValueError, match="unknown task 'mmmlu'"):
+        parse_eval_tasks("mmmlu:20")
+    with pytest.raises(ValueError, match="needs a question count"):
+        parse_eval_tasks("mmlu")
+    write_mmlu_fixture(tmp_path / "mmlu")
+    a = EvalTasks("mmlu:6", tmp_path, TOKENIZER, seed=1).tasks["mmlu"]
+    b = EvalTasks("mmlu:6", tmp_path, TOKENIZER, seed=1).tasks["mmlu"]
+    c = EvalTasks("mmlu:6", tmp_path, TOKENIZER, seed=2).tasks["mmlu"]
+    assert len(a) == 6 and a == b and a != c
+    assert len({tuple(ids) for ids, _ in a}) == 6
+    assert len(EvalTasks("mmlu:500", tmp_path, TOKENIZER, seed=1).tasks["mmlu"]) == 10  # all there are
+    with pytest.raises(FileNotFoundError, match=r"--eval_tasks ceval \(.*ceval\)"):
+        EvalTasks("ceval:5", tmp_path, TOKENIZER, seed=1)
+    (tmp_path / "mmlu" / "test" / "anatomy_test.csv").write_text("only,three,fields\n")
+    with pytest.raises(ValueError, match=r"--eval_tasks mmlu .*anatomy_test.csv, row 1: expected 6 fields"):
+        EvalTasks("mmlu:6", tmp_path, TOKENIZER, seed=1)
+
+
+def test_zero3_run_scores_benchmarks_as_the_script_does_on_its_export(tmp_path):
+    """ZeRO-3, 2 ranks, --val_fraction, --document_mask and --eval_tasks together: the in-loop MMLU accuracy
+    and mean probability of the right letter equal evaluate_mmlu.py's on the exported checkpoint."""
+    import json
+
+    from test_train import ds_config, run, train_cmd
+
+    write_mmlu_fixture(tmp_path / "bench" / "mmlu")
+    save = tmp_path / "run"
+    proc = run(train_cmd(save, ds_config(tmp_path / "ds3.json", stage=3, total_steps=4), "--max_steps", 4,
+                         "--steps_per_epoch", 2, "--resume", "none", "--val_fraction", 0.2, "--eval_tokens", 128,
+                         "--eval_every", 0, "--document_mask", "--eval_tasks", "mmlu:9",
+                         "--eval_data_dir", tmp_path / "bench"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in records if "eval/mmlu/acc" in r}
+    assert sorted(evals) == [2, 4] and evals[4]["eval/mmlu/questions"] == 9  # 9 of 10: 5 + 4 per rank, padded
+    assert sorted(r["step"] for r in records if "val_loss" in r) == [0, 4]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+
+    # The same 9 questions through the evaluation script on the exported step-4 checkpoint.
+    import importlib.util
+
+    from conftest import ROOT
+    from training.eval_tasks import EvalTasks
+
+    chosen = EvalTasks("mmlu:9", tmp_path / "bench", ROOT / "tokenizer.model", seed=42).tasks["mmlu"]
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "scripts" / "convert_checkpoint.py")
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    convert.main([str(save), str(tmp_path / "export"), "--tag", "step4", "--dtype", "fp32"])
+    from evaluation import evaluate_mmlu
+
+    evaluate_mmlu.main(["-m", str(tmp_path / "export"), "-d", str(tmp_path / "bench" / "mmlu"), "-s",
+                        str(tmp_path / "results"), "--device_map", "cpu", "--engine", "plain"])
+    script = {}  # prompt ids -> (correct, probability of the right letter)
+    import csv
+
+    from evaluation.data import load_mmlu
+    from evaluation.prompts import PromptStyle, fit_prompt
+
+    tok = EvalTasks.__new__(EvalTasks)
+    from models.tokenization_baichuan import BaiChuanTokenizer
+    tok = BaiChuanTokenizer(vocab_file=str(ROOT / "tokenizer.model"), add_bos_token=False, add_eos_token=False)
+    for subject in load_mmlu(tmp_path / "bench" / "mmlu"):
+        with open(tmp_path / "results" / "results_export" / f"{subject.name}.csv", encoding="utf-8") as f:
+            rows = list(csv.reader(f))[1:]
+        for q, row in zip(subject.test, rows):
+            ids = fit_prompt(PromptStyle("en", subject.name), subject.dev[:5], q, tok, 2048).ids
+            probs = [float(x) for x in row[-4:]]
+            script[tuple(ids)] = (row[6] == "True", probs["ABCD".index(q.answer)])
+    picked = [script[tuple(ids)] for ids, _ in chosen]
+    assert evals[4]["eval/mmlu/acc"] == pytest.approx(sum(c for c, _ in picked) / 9, abs=1e-12)
+    assert evals[4]["eval/mmlu/p_correct"] == pytest.approx(sum(p for _, p in picked) / 9, abs=1e-6)
