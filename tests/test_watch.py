@@ -372,7 +372,7 @@ def test_eval_tasks_subset_is_seeded_and_bad_tasks_are_clear_errors(tmp_path):
     assert len(a) == 6 and a == b and a != c
     assert len({tuple(ids) for ids, _ in a}) == 6
     assert len(EvalTasks("mmlu:500", tmp_path, TOKENIZER, seed=1).tasks["mmlu"]) == 10  # all there are
-    with pytest.raises(FileNotFoundError, match=r"--eval_tasks ceval \(.*ceval\)"):
+    with pytest.raises(ValueError, match=r"--eval_tasks ceval \(.*ceval\): C-Eval data folder not found"):
         EvalTasks("ceval:5", tmp_path, TOKENIZER, seed=1)
     (tmp_path / "mmlu" / "test" / "anatomy_test.csv").write_text("only,three,fields\n")
     with pytest.raises(ValueError, match=r"--eval_tasks mmlu .*anatomy_test.csv, row 1: expected 6 fields"):
@@ -420,7 +420,6 @@ def test_zero3_run_scores_benchmarks_as_the_script_does_on_its_export(tmp_path):
     from evaluation.data import load_mmlu
     from evaluation.prompts import PromptStyle, fit_prompt
 
-    tok = EvalTasks.__new__(EvalTasks)
     from models.tokenization_baichuan import BaiChuanTokenizer
     tok = BaiChuanTokenizer(vocab_file=str(ROOT / "tokenizer.model"), add_bos_token=False, add_eos_token=False)
     for subject in load_mmlu(tmp_path / "bench" / "mmlu"):
