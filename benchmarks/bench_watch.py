@@ -62,6 +62,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     config = BaiChuanConfig.from_name("tiny", attention_backend=args.attention_backend, use_cache=False,
+                                      loss_chunk_size=1024,  # train.py's default
                                       max_position_embeddings=args.seq + 1)
     model = BaiChuanForCausalLM(config).to(device=device, dtype=dtype)
     data = DataEngine(ROOT / "data_dir", ROOT / "tokenizer.model", args.micro_batch, args.seq, world_size=1,
