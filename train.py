@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from checkpointing import check_folder_config, load_folder_weights, mark_complete, resolve_resume_tag
-from common import all_ranks_ok, read_json, write_atomic
+from common import HelpFormatter, all_ranks_ok, read_json, run_cli, write_atomic
 from data_utils import DataEngine
 from models.configuration_baichuan import BaiChuanConfig
 from models.flops import flops_per_token, peak_tflops_for
@@ -29,7 +29,7 @@ from models.modeling_baichuan import BaiChuanForCausalLM
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_dir", default="data_dir", help="folder of UTF-8 text shards, one document per line; "
                    "at least as many files as ranks")
     p.add_argument("--tokenizer_path", default="tokenizer.model", help="SentencePiece model file")
@@ -225,4 +225,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

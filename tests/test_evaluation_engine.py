@@ -236,10 +236,10 @@ def test_evaluate_zh_ceval_outputs_and_summary(tiny_dir, tmp_path, capsys):
     summary = zh(["--model_name_or_path", str(tiny_dir), "--data_dir", str(shared_path("ceval")),
                   "--output_dir", str(tmp_path), "--subjects", ",".join(subjects), "--max_questions", "5"])
     out = capsys.readouterr().out
-    acc = json.loads((tmp_path / "acc.json").read_text())
+    acc = json.loads((tmp_path / "val" / "acc.json").read_text())
     assert list(acc) == subjects
     for subject in subjects:
-        entries = json.loads((tmp_path / f"{subject}.json").read_text(encoding="utf-8"))
+        entries = json.loads((tmp_path / "val" / f"{subject}.json").read_text(encoding="utf-8"))
         raw = list(csv.reader(open(shared_path("ceval", "val", f"{subject}_val.csv"), newline="",
                                    encoding="utf-8")))[1:6]
         assert [e["id"] for e in entries] == [r[0] for r in raw]  # file order
@@ -256,19 +256,19 @@ def test_evaluate_zh_ceval_outputs_and_summary(tiny_dir, tmp_path, capsys):
     assert table["Humanities"] == pytest.approx(acc["law"])
     assert "| Model 5-shot | Average | Avg(Hard) | STEM | Humanities |" in out  # no Social Science/Other here
     assert re.search(r"\| tiny-baichuan \| (\d+\.\d \| ){3}\d+\.\d \|\n", out)
-    assert json.loads((tmp_path / "summary.json").read_text())["summary"] == table
+    assert json.loads((tmp_path / "val" / "summary.json").read_text())["summary"] == table
 
 
 def test_evaluate_zh_ceval_test_split_writes_the_submission_file(tiny_dir, tmp_path, capsys):
     zh(["--model_name_or_path", str(tiny_dir), "--data_dir", str(shared_path("ceval")), "--split", "test",
         "--output_dir", str(tmp_path), "--subjects", "law,logic", "--max_questions", "3"])
-    submission = json.loads((tmp_path / "submission.json").read_text())
+    submission = json.loads((tmp_path / "test" / "submission.json").read_text())
     assert list(submission) == ["law", "logic"]
     raw = list(csv.reader(open(shared_path("ceval", "test", "law_test.csv"), newline="", encoding="utf-8")))
     assert list(submission["law"]) == [r[0] for r in raw[1:4]]
     assert set(submission["law"].values()) <= set("ABCD")
-    assert not (tmp_path / "acc.json").exists()
-    entries = json.loads((tmp_path / "law.json").read_text())
+    assert not (tmp_path / "val" / "acc.json").exists()
+    entries = json.loads((tmp_path / "test" / "law.json").read_text())
     assert [e["answer"] for e in entries] == list(submission["law"].values())
     assert all(e["correct"] is None for e in entries)
     assert "leaderboard submission file" in capsys.readouterr().out
@@ -280,7 +280,7 @@ def test_shuffled_shots_are_seeded(tiny_dir, tmp_path):
 
     def prompts(name, *extra):
         zh(base + ["--output_dir", str(tmp_path / name), *extra])
-        return [e["prompt"] for e in json.loads((tmp_path / name / "logic.json").read_text())]
+        return [e["prompt"] for e in json.loads((tmp_path / name / "val" / "logic.json").read_text())]
 
     fixed = prompts("fixed")
     seeded = prompts("seed1", "--shuffle_shots", "--seed", "1")
@@ -301,7 +301,7 @@ def test_other_tasks_run(tiny_dir, tmp_path, capsys, task, data, subject, column
                   "--output_dir", str(tmp_path), "--subjects", subject, "--max_questions", "3"])
     out = capsys.readouterr().out
     assert columns in out
-    assert len(json.loads((tmp_path / f"{subject}.json").read_text())) == 3
+    assert len(json.loads((tmp_path / "test" / f"{subject}.json").read_text())) == 3
     assert summary["questions"] == {subject: 3}
     if task == "gaokao":
         assert re.search(r"2010-2022_Physics_MCQs: left out \d+ item\(s\): multiple answers", out)
@@ -317,7 +317,7 @@ def test_readme_command_line_runs_as_a_script(tiny_dir, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Predict answer with ABCD probs:" in run.stdout  # --show_detail
     assert "以下是中国关于法学考试的单项选择题" in run.stdout
-    assert json.loads((tmp_path / "submission.json").read_text())["law"].keys() == {"0", "1"}
+    assert json.loads((tmp_path / "test" / "submission.json").read_text())["law"].keys() == {"0", "1"}
 
 
 def test_command_line_errors_are_clear(tiny_dir, tmp_path, monkeypatch, capsys):
