@@ -14,6 +14,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ
 from common import SHARED_DATA_ENV, free_port, shared_data_dir  # noqa: E402,F401 - free_port for the tests
 
 SHARED = shared_data_dir()
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def shared_path(*parts) -> Path:
@@ -28,3 +29,21 @@ def shared_path(*parts) -> Path:
 @pytest.fixture
 def released_tokenizer() -> Path:
     return shared_path("baichuan-7b-tokenizer", "tokenizer.model")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_data: needs the real benchmark or corpus files (skips without them)")
+
+
+@pytest.fixture(scope="module", params=["fixtures", pytest.param("real", marks=pytest.mark.real_data)])
+def bench(request) -> Path:
+    """Folder holding the five benchmarks in their official layouts: the project's own fixtures
+    (tests/fixtures/benchmarks, written by make_benchmarks.py), and the real files where they are present."""
+    return FIXTURES / "benchmarks" if request.param == "fixtures" else shared_path()
+
+
+@pytest.fixture(scope="module", params=["repo", pytest.param("released", marks=pytest.mark.real_data)])
+def any_tokenizer(request) -> Path:
+    """A 64000-piece tokenizer with the released conventions: this repository's, and the released one."""
+    return ROOT / "tokenizer.model" if request.param == "repo" else shared_path("baichuan-7b-tokenizer",
+                                                                                  "tokenizer.model")
