@@ -10,6 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
+    # DeepSpeed's CPU accelerator, named rather than detected, so its warning is not printed by every process.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from common import SHARED_DATA_ENV, free_port, shared_data_dir  # noqa: E402,F401 - free_port for the tests
 
