@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from transformers.modeling_utils import no_init_weights
 
-from checkpointing import (check_folder_config, load_folder_weights, mark_complete, read_json, resolve_resume_tag,
-                           write_atomic)
+from checkpointing import check_folder_config, load_folder_weights, mark_complete, resolve_resume_tag
+from common import HelpFormatter, all_ranks_ok, read_json, run_cli, write_atomic
 from data_utils import DataEngine
 from models.configuration_baichuan import BaiChuanConfig
 from models.flops import flops_per_token, peak_tflops_for
@@ -35,13 +35,13 @@ from training.validation import build_validation, check_val_args
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_dir", default="data_dir", help="folder of UTF-8 text shards, one document per line; "
                    "at least as many files as ranks")
     p.add_argument("--tokenizer_path", default="tokenizer.model", help="SentencePiece model file")
     p.add_argument("--max_length", type=int, default=4096, help="tokens per training sequence (context length)")
-    p.add_argument("--steps_per_epoch", type=int, default=2000,
-                   help="checkpoint interval in optimizer steps (the reference's name for it)")
+    p.add_argument("--save_every", "--steps_per_epoch", dest="save_every", type=int, default=2000,
+                   help="checkpoint interval in optimizer steps (--steps_per_epoch is the reference's name for it)")
     p.add_argument("--checkpoint_saving_path", default="checkpoints",
                    help="folder for checkpoints, metrics.jsonl and the resolved run config")
     p.add_argument("--model_config", default="7b", help="preset name (see config/model/) or a config.json path")
@@ -93,7 +93,7 @@ def parse_args():
     args = p.parse_args()
     if args.deepspeed_config is None:
         p.error("--deepspeed_config is required (see config/deepspeed.json)")
-    for flag in ("max_length", "steps_per_epoch", "max_steps", "checkpoint_every"):
+    for flag in ("max_length", "save_every", "max_steps", "checkpoint_every"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
     check_val_args(args, p)
@@ -117,16 +117,6 @@ def load_ds_config(args) -> dict:
     if sched.get("total_num_steps") == "auto":
         sched["total_num_steps"] = args.max_steps
     return ds
-
-
-def all_ranks_ok(error, where: str):
-    """Agree across ranks whether `where` succeeded, so one rank's error never leaves the others in a collective."""
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=deepspeed.get_accelerator().current_device_name())
-    dist.all_reduce(flag)
-    if error is not None:
-        raise error
-    if flag.item():
-        raise RuntimeError(f"{where} failed on {flag.item()} other rank(s); see their error above")
 
 
 def peak_tflops(args):
@@ -185,6 +175,9 @@ def main():
     if args.attention_backend:
         overrides["attention_backend"] = args.attention_backend
     config = BaiChuanConfig.from_name(args.model_config, **overrides)
+    if args.max_length > config.max_position_embeddings:
+        raise ValueError(f"--max_length {args.max_length} is longer than the model's max_position_embeddings "
+                         f"{config.max_position_embeddings} (--model_config {args.model_config})")
     if config.vocab_size < data.vocab_size:
         raise ValueError(f"tokenizer {args.tokenizer_path} has {data.vocab_size} pieces but the model's "
                          f"vocab_size is {config.vocab_size}")
@@ -292,16 +285,16 @@ def main():
         if step == args.max_steps or (args.eval_every and step % args.eval_every == 0):
             t0 += validate()
 
-        every = args.eval_tasks_every or args.steps_per_epoch
+        every = args.eval_tasks_every or args.save_every
         if eval_tasks is not None and (step % every == 0 or step == args.max_steps):
             start = time.perf_counter()
             metrics.write({"step": step, **eval_tasks.evaluate(engine),
                            "eval_seconds": time.perf_counter() - start, "time": time.time()})
             t0 += time.perf_counter() - start
 
-        if step % args.steps_per_epoch == 0 or step == args.max_steps:
+        if step % args.save_every == 0 or step == args.max_steps:
             save(step)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

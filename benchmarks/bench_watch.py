@@ -16,23 +16,22 @@
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import HelpFormatter
+from data_utils import DataEngine
+from models.configuration_baichuan import BaiChuanConfig
+from models.modeling_baichuan import BaiChuanForCausalLM
+from training.documents import document_inputs
 
-from data_utils import DataEngine  # noqa: E402
-from models.configuration_baichuan import BaiChuanConfig  # noqa: E402
-from models.modeling_baichuan import BaiChuanForCausalLM  # noqa: E402
-from training.documents import document_inputs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--seq", type=int, default=4096, help="sequence length")
     p.add_argument("--micro_batch", type=int, default=4, help="training micro-batch (deepspeed_tiny.json: 4)")
     p.add_argument("--eval_every", type=int, default=500, help="train.py's default")

@@ -203,7 +203,7 @@ def watched(tmp_path_factory):
     for name, extra in (("eval", ["--val_dir", val, "--eval_every", 3, "--eval_tokens", EVAL_TOKENS]),
                         ("plain", [])):
         save = work / name
-        proc = run(train_cmd(save, config, "--max_steps", STEPS, "--steps_per_epoch", STEPS, "--resume", "none",
+        proc = run(train_cmd(save, config, "--max_steps", STEPS, "--save_every", STEPS, "--resume", "none",
                              "--init_from", init, *extra))
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         runs[name] = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
@@ -389,7 +389,7 @@ def test_zero3_run_scores_benchmarks_as_the_script_does_on_its_export(tmp_path):
     write_mmlu_fixture(tmp_path / "bench" / "mmlu")
     save = tmp_path / "run"
     proc = run(train_cmd(save, ds_config(tmp_path / "ds3.json", stage=3, total_steps=4), "--max_steps", 4,
-                         "--steps_per_epoch", 2, "--resume", "none", "--val_fraction", 0.2, "--eval_tokens", 128,
+                         "--save_every", 2, "--resume", "none", "--val_fraction", 0.2, "--eval_tokens", 128,
                          "--eval_every", 0, "--document_mask", "--eval_tasks", "mmlu:9",
                          "--eval_data_dir", tmp_path / "bench"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

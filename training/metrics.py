@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from checkpointing import write_atomic
+from common import write_atomic
 
 
 class MetricsLog:
