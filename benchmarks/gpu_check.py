@@ -70,7 +70,7 @@ def _child(name, device, workdir, deadline, smoke, result_path, log_path):
     os.dup2(fd, 2)
     from benchmarks import gpu_check_steps  # preloaded by the fork server
 
-    gpu_check_steps.run_step(name, device, workdir, deadline, smoke, result_path)
+    gpu_check_steps.run_step(name, device, workdir, deadline, smoke, result_path, log_path)
 
 
 def run_one(ctx, name, device, timeout, smoke, work: Path) -> dict:
@@ -146,6 +146,8 @@ def main(argv=None):
         elif left < 5:
             result = {"name": name, "status": "skipped", "reason": f"the {budget:.0f} s budget was spent"}
         else:
+            if args.smoke and needs_gpu:
+                limit *= 3  # CPU ranks, and the CPU's compiler for torch.compile
             print(f"gpu_check: {name} (limit {min(limit, left):.0f} s)", flush=True)
             result, log = run_one(ctx, name, device, min(limit, left), args.smoke and needs_gpu, work)
             logs.append((name, log))

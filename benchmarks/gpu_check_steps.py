@@ -49,6 +49,7 @@ class Context:
     device: str  # "cuda" or "cpu"
     workdir: Path  # this step's scratch folder
     deadline: float  # time.time() by which the step must be done (the runner kills it then)
+    log: Path  # this step's log, where its subprocesses write too
     smoke: bool = False  # a GPU step on CPU with tiny shapes: checks the script, measures nothing
     checks: list = field(default_factory=list)
     data: dict = field(default_factory=dict)
@@ -533,12 +534,12 @@ def deepspeed_train(c: Context):
                str(ROOT / "tokenizer.model"), "--max_length", str(seq), "--checkpoint_saving_path", str(save),
                "--cache_dir", str(c.workdir / "token-cache"), "--num_workers", "2", "--max_steps", "20",
                "--steps_per_epoch", "10", "--attention_backend", "eager", *extra]
-        start = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=c.left())
-        print(proc.stdout[-20000:], proc.stderr[-20000:], sep="\n", flush=True)  # into the step's log
+        start, offset = time.time(), c.log.stat().st_size
+        proc = subprocess.run(cmd, cwd=ROOT, timeout=c.left())  # its output goes to the step's log as it comes
+        log = c.log.read_text(encoding="utf-8", errors="replace")[offset:]
         if proc.returncode:
-            raise RuntimeError(f"train.py exited with {proc.returncode}:\n{proc.stderr[-3000:]}")
-        return proc.stdout + proc.stderr, time.time() - start
+            raise RuntimeError(f"train.py exited with {proc.returncode}:\n{log[-3000:]}")
+        return log, time.time() - start
 
     log, seconds = train("--resume", "none")
     full = losses(save)
@@ -586,13 +587,14 @@ def run_benchmark(c: Context, models, out: Path):
         shape = ["--preset", "tiny", "--vocab_size", "512", "--seq_len", "64", "--warmup", "1", "--steps", "2"]
     cmd = [sys.executable, str(benchmark_script()), *shape, "--models", *models, "--json", str(out)]
     c.data["command"] = " ".join(cmd[1:]).replace(str(ROOT) + "/", "")
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=c.left())
-    print(proc.stdout, proc.stderr[-20000:], sep="\n", flush=True)
+    offset = c.log.stat().st_size
+    proc = subprocess.run(cmd, cwd=ROOT, timeout=c.left())  # its output goes to the step's log as it comes
+    log = c.log.read_text(encoding="utf-8", errors="replace")[offset:]
     if proc.returncode:
-        raise RuntimeError(f"benchmark_train.py exited with {proc.returncode}:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"benchmark_train.py exited with {proc.returncode}:\n{log[-3000:]}")
     result = json.loads(out.read_text(encoding="utf-8"))
     c.data["benchmark"] = result
-    c.data["table"] = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    c.data["table"] = [line for line in log.splitlines() if line.startswith("|")]
     return result
 
 
@@ -648,9 +650,10 @@ STEPS = {f.__name__: f for f in (env, attention_parity, fused_loss, kv_cache_gen
                                  document_mask, deepspeed_train, throughput, throughput_compiled)}
 
 
-def run_step(name: str, device: str, workdir: str, deadline: float, smoke: bool, result_path: str):
-    """Run one step and write {"status", "checks", "data", "reason" | "error"} to result_path (JSON)."""
-    c = Context(device=device, workdir=Path(workdir), deadline=deadline, smoke=smoke)
+def run_step(name: str, device: str, workdir: str, deadline: float, smoke: bool, result_path: str, log: str):
+    """Run one step and write {"status", "checks", "data", "reason" | "error"} to result_path (JSON); its
+    output goes to ``log``, which stdout and stderr already point at."""
+    c = Context(device=device, workdir=Path(workdir), deadline=deadline, log=Path(log), smoke=smoke)
     c.workdir.mkdir(parents=True, exist_ok=True)
     if device == "cpu":
         # CPU shapes here are tiny: a second thread gains little, and on a busy machine its spin-waits cost
