@@ -184,7 +184,8 @@ def write_report(out: Path, report: dict, logs):
 
 
 def _fmt(x, spec):
-    return "n/a" if x is None else format(x, spec)
+    """A number in ``spec``; None as n/a; anything else (a "nan" from the JSON) as it is."""
+    return "n/a" if x is None else format(x, spec) if isinstance(x, (int, float)) else str(x)
 
 
 def summary(report: dict) -> str:
@@ -197,7 +198,7 @@ def summary(report: dict) -> str:
              "| step | status | seconds | detail |", "|---|---|---|---|"]
     for s in report["steps"]:
         detail = s.get("reason") or s.get("error") or "; ".join(
-            f"{c['name']}" + (f" ({c['error']:.2g} <= {c['tolerance']:.2g})" if "tolerance" in c else "")
+            c["name"] + (f" ({_fmt(c['error'], '.2g')} <= {_fmt(c['tolerance'], '.2g')})" if "tolerance" in c else "")
             for c in s.get("checks", [])[:4]) or ""
         lines.append(f"| {s['name']} | {s['status']} | {s.get('seconds', '')} | "
                      f"{detail.splitlines()[0][:300] if detail else ''} |")
