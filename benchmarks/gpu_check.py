@@ -28,6 +28,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from common import HelpFormatter, run_cli, write_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 # name, needs a GPU, time limit in seconds (on a GPU; each limit is cut to the budget left)
 STEPS = (
@@ -45,9 +47,9 @@ STEP_NAMES = [s[0] for s in STEPS]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default=str(ROOT / "outputs" / "gpu_check"),
-                   help="folder for gpu_check.json, gpu_check.md and gpu_check.log (default: %(default)s)")
+                   help="folder for gpu_check.json, gpu_check.md and gpu_check.log")
     p.add_argument("--budget_s", type=float, default=None,
                    help="wall-clock cap for the whole run (default: 480 with a GPU, 90 without)")
     p.add_argument("--only", nargs="+", choices=STEP_NAMES, default=None,
@@ -80,13 +82,15 @@ def run_one(ctx, name, device, timeout, smoke, work: Path) -> dict:
     proc = ctx.Process(target=_child, args=(name, device, str(work / name), start + timeout, smoke,
                                             str(result_path), str(log_path)))
     proc.start()
-    proc.join(timeout)
-    timed_out = proc.is_alive()
-    try:  # the step's whole process group: a launcher and its ranks too
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.join()
+    try:
+        proc.join(timeout)
+        timed_out = proc.is_alive()
+    finally:  # also on Ctrl-C: the step has its own session, so the terminal's signal does not reach it
+        try:  # the step's whole process group: a launcher and its ranks too
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.join()
     log = log_path.read_text(encoding="utf-8", errors="replace") if log_path.exists() else ""
     if result_path.exists() and not timed_out:
         result = json.loads(result_path.read_text(encoding="utf-8"))
@@ -167,12 +171,6 @@ def main(argv=None):
 # Report
 # ------------------------------------------------------------------------------------------------------------
 
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(out: Path, report: dict, logs):
     names = [s["name"] for s in report["steps"]]
     pending = [{"name": n, "status": "not run", "reason": "the run stopped before this step"}
@@ -219,4 +217,4 @@ def summary(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

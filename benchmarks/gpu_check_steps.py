@@ -13,7 +13,6 @@ import math
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 # Imported here, not in the steps, so the fork server pays for them once.
 import transformers  # noqa: F401
+from common import free_port, pick_device_and_dtype, write_atomic
 from evaluation.data import LETTERS, Question
 from evaluation.engine import FewShotEngine, load_model_and_tokenizer, predict
 from evaluation.prompts import PromptStyle, fit_prompt
@@ -406,11 +406,11 @@ def kv_cache_generation(c: Context):
             bf16_rule(c, f"bf16 auto: {block}-token decode steps after a cache = full forward",
                       rel_err(decoded, ref[:, 40:]), rel_err(full[:, 40:], ref[:, 40:]))
 
-    import scripts.generate as generate_script  # a script: imported for its device choice and main()
+    import scripts.generate as generate_script  # a script: imported for its main(), run in this process
 
-    device, dtype = generate_script.pick_device_and_dtype("auto", "auto")
+    device, dtype = pick_device_and_dtype("auto", "auto")
     want = ("cuda", torch.bfloat16) if c.cuda else ("cpu", torch.float32)
-    c.check("scripts/generate.py picks the device and dtype", (device, dtype) == want, device=device,
+    c.check("the default device and dtype of generate.py", (device, dtype) == want, device=device,
             dtype=str(dtype))
     out = c.workdir / "generated.jsonl"
     generate_script.main(["--model", str(tiny_model_folder(c.workdir)), "--prompt", "The capital of",
@@ -494,12 +494,6 @@ def document_mask(c: Context):
 # ------------------------------------------------------------------------------------------------------------
 # Step 2 (end): DeepSpeed through the real launcher
 # ------------------------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def losses(save: Path) -> dict:
     records = [json.loads(line) for line in (save / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -673,8 +667,6 @@ def run_step(name: str, device: str, workdir: str, deadline: float, smoke: bool,
     except Exception as e:  # noqa: BLE001 - recorded, and the next step runs
         result = {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
     result.update(checks=c.checks, data=c.data)
-    tmp = Path(result_path + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, result_path)
+    write_atomic(result_path, json.dumps(result, indent=2, default=str))
     sys.stdout.flush()
     sys.stderr.flush()
