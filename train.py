@@ -19,8 +19,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from checkpointing import (check_folder_config, load_folder_weights, mark_complete, read_json, resolve_resume_tag,
-                           write_atomic)
+from checkpointing import check_folder_config, load_folder_weights, mark_complete, resolve_resume_tag
+from common import all_ranks_ok, read_json, write_atomic
 from data_utils import DataEngine
 from models.configuration_baichuan import BaiChuanConfig
 from models.flops import flops_per_token, peak_tflops_for
@@ -83,16 +83,6 @@ def load_ds_config(args) -> dict:
     if sched.get("total_num_steps") == "auto":
         sched["total_num_steps"] = args.max_steps
     return ds
-
-
-def all_ranks_ok(error, where: str):
-    """Agree across ranks whether `where` succeeded, so one rank's error never leaves the others in a collective."""
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=deepspeed.get_accelerator().current_device_name())
-    dist.all_reduce(flag)
-    if error is not None:
-        raise error
-    if flag.item():
-        raise RuntimeError(f"{where} failed on {flag.item()} other rank(s); see their error above")
 
 
 def peak_tflops(args):

@@ -27,14 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import shared_data_dir
+from evaluation.data import load_mmlu
+from evaluation.engine import FewShotEngine, load_model_and_tokenizer, predict
+from evaluation.prompts import PromptStyle, fit_prompt
 
-from evaluation.data import load_mmlu  # noqa: E402
-from evaluation.engine import FewShotEngine, load_model_and_tokenizer, predict  # noqa: E402
-from evaluation.prompts import PromptStyle, fit_prompt  # noqa: E402
-
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = shared_data_dir()
 # Every 8th of the 57 subjects in alphabetical order: a spread of short and long questions, not picked for
 # speed. Over the whole test set the work ratio (tokens run, plain / fast) is 6.1x; on this sample it is lower,
 # as 40 questions per subject amortise the prefix less than a subject's full ~250.

@@ -45,11 +45,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import prep_text  # noqa: E402
+from common import REPO_ROOT as ROOT, shared_data_dir
+from corpus import text as prep_text
 
-CORPUS = Path(os.environ.get("BAICHUAN_SHARED_DATA", ROOT.parent / "shared" / "data")) / "corpus"
+CORPUS = shared_data_dir() / "corpus"
 FUNCTION_WORDS = set(prep_text.EN_FUNCTION_WORDS)
 WORD = re.compile(r"[A-Za-z]+")
 

@@ -30,13 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from evaluation.categories import MMLU_CATEGORIES, MMLU_SUBCATEGORIES, MMLU_TABLE_COLUMNS  # noqa: E402
-from evaluation.data import LETTERS, DataError, load_mmlu  # noqa: E402
-from evaluation.engine import (FewShotEngine, add_runtime_args, load_model_and_tokenizer, model_name,  # noqa: E402
+from evaluation.categories import MMLU_CATEGORIES, MMLU_SUBCATEGORIES, MMLU_TABLE_COLUMNS
+from evaluation.data import LETTERS, DataError, load_mmlu
+from evaluation.engine import (FewShotEngine, add_runtime_args, load_model_and_tokenizer, model_name,
                                parse_subjects, predict, select_gpus)
-from evaluation.prompts import PromptStyle, fit_prompt  # noqa: E402
+from evaluation.prompts import PromptStyle, fit_prompt
 
 
 def parse_args(argv=None):

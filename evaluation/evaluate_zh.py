@@ -43,13 +43,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from evaluation import categories as cats  # noqa: E402
-from evaluation.data import LETTERS, LOADERS, DataError  # noqa: E402
-from evaluation.engine import (FewShotEngine, add_runtime_args, load_model_and_tokenizer,  # noqa: E402
+from evaluation import categories as cats
+from evaluation.data import LETTERS, LOADERS, DataError
+from evaluation.engine import (FewShotEngine, add_runtime_args, load_model_and_tokenizer,
                                parse_subjects, predict, select_gpus)
-from evaluation.prompts import PromptStyle, fit_prompt  # noqa: E402
+from evaluation.prompts import PromptStyle, fit_prompt
 
 TASKS = ("ceval", "cmmlu", "gaokao", "agieval")
 DATA_ENV = {"ceval": "CEVAL_DATA_PATH", "cmmlu": "CMMLU_DATA_PATH", "gaokao": "GAOKAO_DATA_PATH",

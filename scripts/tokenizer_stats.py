@@ -24,9 +24,7 @@ from typing import Dict, List, Sequence
 
 import sentencepiece as spm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_tokenizer import (DEFAULT_CORPUS, DEFAULT_EXCLUDE, corpus_files, is_heldout,  # noqa: E402
-                             iter_chunks)
+from corpus.tokenizer_training import DEFAULT_CORPUS, DEFAULT_EXCLUDE, corpus_files, is_heldout, iter_chunks
 
 
 @dataclass

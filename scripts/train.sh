@@ -10,8 +10,10 @@
 #
 # Environment overrides: HOSTFILE, DS_CONFIG, MODEL (preset or config.json), GPUS_PER_NODE, DATA_DIR,
 # TOKENIZER, SAVE_DIR, MAX_LENGTH, MAX_STEPS, MASTER_PORT. Extra arguments go to train.py unchanged.
+# The first run sets up .venv (scripts/setup_env.sh); USE_CURRENT_ENV=1 uses the active environment instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/setup_env.sh
 
 HOSTFILE=${HOSTFILE:-config/hostfile}
 DATA_DIR=${DATA_DIR:-data_dir}

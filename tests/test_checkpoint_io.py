@@ -7,7 +7,6 @@ restores both with engine.load_checkpoint, and two --init_from runs of one step.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,25 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, shared_path
+from conftest import ROOT, free_port, shared_path
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import convert_checkpoint  # noqa: E402
-import generate  # noqa: E402
-import plot_loss  # noqa: E402
-from checkpointing import check_folder_config, load_folder_weights, resolve_checkpoint_tag  # noqa: E402
-from models.configuration_baichuan import BaiChuanConfig  # noqa: E402
-from models.modeling_baichuan import BaiChuanForCausalLM  # noqa: E402
+import checkpoint_export as convert_checkpoint
+from checkpointing import check_folder_config, load_folder_weights, resolve_checkpoint_tag
+from models.configuration_baichuan import BaiChuanConfig
+from models.modeling_baichuan import BaiChuanForCausalLM
+from scripts import generate, plot_loss
 
 TOKENIZER = ROOT / "tokenizer.model"
 pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(), reason="tokenizer.model missing at the repo root")
 MICRO_BS, MAX_LENGTH, SEED = 2, 64, 42
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ds_config(path: Path, stage: int) -> Path:
