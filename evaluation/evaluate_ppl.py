@@ -21,9 +21,9 @@ model's ``max_position_embeddings`` is what the curve measures: it is allowed an
 Memory: the vocabulary projection runs over ``--loss_chunk`` tokens at a time, so [tokens, vocab] logits never
 exist whole. Outputs in ``--output_dir``: ``ppl.json``, ``ppl.csv``, ``ppl.png`` and a table on stdout.
 
-    python evaluation/evaluate_ppl.py --model out/tiny256 --data ../shared/data/corpus/en/gutenberg \\
+    python -m evaluation.evaluate_ppl --model out/tiny256 --data ../shared/data/corpus/en/gutenberg \\
         --lengths 256 512 1024 --rope_scaling none linear:4 dynamic:4 --output_dir results/ppl
-    python evaluation/evaluate_ppl.py --model checkpoints --tag step2000 --data held_out/ --unit line
+    python -m evaluation.evaluate_ppl --model checkpoints --tag step2000 --data held_out/ --unit line
 """
 import argparse
 import csv
@@ -38,8 +38,6 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 MODES = ("whole", "sliding")
 # RoPE types whose frequencies do not depend on the sequence length: a longer forward serves shorter lengths.
@@ -89,6 +87,27 @@ def read_documents(files: Sequence[Path], unit: str = "file") -> List[tuple]:
         else:
             docs.extend((f"{path}:{i + 1}", line) for i, line in enumerate(text.splitlines()) if line.strip())
     return docs
+
+
+def held_out_folder(run_dir: Path) -> Path:
+    """The held-out text folder a train.py run validated on (its ``--val_dir``, recorded in run_config.json)."""
+    run_config = run_dir / "run_config.json"
+    if not run_config.is_file():
+        raise PplError(f"--held_out {run_dir}: no run_config.json (not a train.py --checkpoint_saving_path)")
+    try:
+        recorded = json.loads(run_config.read_text(encoding="utf-8"))["args"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise PplError(f"{run_config}: not a train.py run config ({e})") from e
+    val_dir = recorded.get("val_dir")
+    if not val_dir:
+        raise PplError(f"{run_config} records no --val_dir: the run held no text out, or held it out by "
+                       "fraction; pass the held-out folder with --data")
+    from common import REPO_ROOT
+    # train.py records the path as given, usually relative to the repository root it was launched from.
+    for path in (Path(val_dir), REPO_ROOT / val_dir):
+        if path.is_dir():
+            return path
+    raise PplError(f"{run_config} records --val_dir {val_dir!r}, which is not a folder from here or from {REPO_ROOT}")
 
 
 def tokenize_prefix(tokenizer, text: str, need: int) -> List[int]:
@@ -271,7 +290,7 @@ def is_checkpoint_folder(path: Path) -> bool:
 
 def export_checkpoint(path: Path, tag: Optional[str], workdir: Path) -> Path:
     """Export a DeepSpeed checkpoint tag to a temporary fp32 Hugging Face folder through the export path."""
-    from scripts.convert_checkpoint import convert
+    from checkpoint_export import convert
     return convert(path, workdir / f"{path.name}-{tag or 'latest'}", tag=tag, dtype="fp32")
 
 
@@ -376,8 +395,11 @@ def parse_args(argv=None):
                    help="Hugging Face model folder(s), or train.py --checkpoint_saving_path folder(s) (exported "
                         "to a temporary fp32 folder first); several are drawn in one plot")
     p.add_argument("--tag", default=None, help="checkpoint tag for checkpoint folders (default: `latest`)")
-    p.add_argument("--data", "-d", nargs="+", required=True,
+    p.add_argument("--data", "-d", nargs="+", default=[],
                    help=".txt files or folders of them (recursive); a run's held-out folder works as it is")
+    p.add_argument("--held_out", default=None,
+                   help="a train.py --checkpoint_saving_path: add the documents of the --val_dir it recorded "
+                        "(one per line), text the model never trained on")
     p.add_argument("--unit", choices=["file", "line"], default="file",
                    help="file: one document per file (books); line: one per non-empty line (train.py's layout)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 6144, 8192],
@@ -411,6 +433,8 @@ def parse_args(argv=None):
     too_long = [L for L in args.lengths if L > args.max_eval_length]
     if too_long:
         p.error(f"--lengths {too_long} exceed --max_eval_length {args.max_eval_length}")
+    if not args.data and not args.held_out:
+        p.error("give the documents: --data and/or --held_out")
     if min(args.lengths) < 2:
         p.error(f"--lengths must be at least 2 tokens, got {min(args.lengths)}")
     if args.window is not None and args.window > args.max_eval_length:
@@ -422,7 +446,10 @@ def run(args) -> List[Dict]:
     from tqdm import tqdm
 
     scalings = [parse_scaling(s) for s in args.rope_scaling]
-    docs_text = read_documents(list_text_files(args.data), args.unit)[:args.max_documents]
+    docs_text = read_documents(list_text_files(args.data), args.unit) if args.data else []
+    if args.held_out:
+        docs_text += read_documents(list_text_files([str(held_out_folder(Path(args.held_out)))]), "line")
+    docs_text = docs_text[:args.max_documents]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = (torch.bfloat16 if device.startswith("cuda") else torch.float32) if args.dtype == "auto" \
         else getattr(torch, args.dtype)
@@ -431,10 +458,10 @@ def run(args) -> List[Dict]:
     results = []
     with tempfile.TemporaryDirectory(prefix="ppl-export-") as workdir:
         for given in args.model:
-            path = Path(given)
+            path, name = Path(given), Path(given).resolve().name
             if is_checkpoint_folder(path):
                 path = export_checkpoint(path, args.tag, Path(workdir))
-            name = Path(given).name or given
+                name += f"@{args.tag or 'latest'}"
             tokenized = None
             for scaling in scalings:
                 model, tokenizer = load_model(str(path), scaling, device, dtype, args.trust_remote_code)
@@ -455,7 +482,7 @@ def run(args) -> List[Dict]:
                     row["extrapolation"] = (curve.length if curve.mode == "whole" else curve.window) > max_pos
                     results.append(row)
                 del model
-    settings = {"data": [str(d) for d in args.data], "unit": args.unit, "documents": len(docs_text),
+    settings = {"data": [str(d) for d in args.data], "held_out": args.held_out, "unit": args.unit, "documents": len(docs_text),
                 "lengths": sorted(set(args.lengths)), "bucket": args.bucket, "modes": args.modes,
                 "window": args.window, "stride": args.stride, "dtype": str(dtype).replace("torch.", ""),
                 "device": device}

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common import REPO_ROOT
 from evaluation import evaluate_ppl as ppl
 from test_rope_scaling import MAX_POS, llama_twin, tiny_model
 
@@ -95,12 +96,11 @@ def test_sliding_windows_cover_every_token_once():
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     from models.tokenization_baichuan import BaiChuanTokenizer
-    from tests.conftest import ROOT
     folder = tmp_path_factory.mktemp("ppl") / "tiny64"
     model = tiny_model(vocab_size=64000)
     model.config.max_position_embeddings = 64
     model.save_pretrained(folder)
-    BaiChuanTokenizer(vocab_file=str(ROOT / "tokenizer.model")).save_pretrained(folder)
+    BaiChuanTokenizer(vocab_file=str(REPO_ROOT / "tokenizer.model")).save_pretrained(folder)
     return folder
 
 
@@ -117,17 +117,22 @@ def books(tmp_path):
 
 def test_command_writes_json_csv_png_and_marks_extrapolation(tmp_path, model_folder, capsys):
     out = tmp_path / "out"
-    results = ppl.main(["--model", str(model_folder), "--data", str(books(tmp_path)), "--lengths", "32", "128",
+    run_dir, val_dir = tmp_path / "run", tmp_path / "val"
+    run_dir.mkdir(), val_dir.mkdir()
+    (run_dir / "run_config.json").write_text(json.dumps({"args": {"val_dir": str(val_dir)}}))
+    (val_dir / "part-0000.txt").write_text("a short held-out document\n\n" + "fox " * 200 + "\n")
+    results = ppl.main(["--model", str(model_folder), "--data", str(books(tmp_path)), "--held_out", str(run_dir),
+                        "--lengths", "32", "128",
                         "--bucket", "32", "--rope_scaling", "none", "linear:2", "--output_dir", str(out),
                         "--device", "cpu", "--batch_size", "2"])
     data = json.loads((out / "ppl.json").read_text())
-    assert data["settings"]["documents"] == 3
+    assert data["settings"]["documents"] == 5  # 3 files + 2 held-out lines (the empty line is no document)
     rows = {(r["rope_scaling"] and r["rope_scaling"]["type"], r["mode"], r["length"]): r for r in data["results"]}
     assert len(rows) == 8 == len(results)
     for (kind, mode, length), r in rows.items():
         assert r["max_position_embeddings"] == 64
-        assert r["documents"] == 2 and r["skipped"] == 1  # "too short" is counted, not silently dropped
-        assert r["tokens"] == 2 * (length - 1)
+        assert r["documents"] == 3 and r["skipped"] == 2  # short ones are counted, not silently dropped
+        assert r["tokens"] == 3 * (length - 1)
         # A length past max_position_embeddings is measured and marked; sliding windows stay within it.
         assert r["extrapolation"] == (mode == "whole" and length == 128)
         assert math.isfinite(r["ppl"]) and r["ppl"] > 1
@@ -163,5 +168,10 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ppl.main(["--model", "m", "--data", "d", "--lengths", "1024", "65536"])
     assert "--lengths [65536] exceed --max_eval_length 32768" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"--held_out .*: no run_config.json"):
+        ppl.main(base + ["--held_out", str(tmp_path / "no_text")])
+    (tmp_path / "run_config.json").write_text(json.dumps({"args": {"val_dir": None}}))
+    with pytest.raises(SystemExit, match=r"run_config.json records no --val_dir"):
+        ppl.main(base + ["--held_out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"--rope_scaling 'yarn:2'"):
         ppl.main(base + ["--data", str(tmp_path / "no_text"), "--rope_scaling", "yarn:2"])
