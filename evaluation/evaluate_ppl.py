@@ -226,20 +226,27 @@ def evaluate_model(model, docs: Sequence[Sequence[int]], lengths: Sequence[int],
                 progress.update(ids.numel())
         return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
+    # Whole mode: (forward length, the lengths it serves, documents); a document runs at the largest length it
+    # reaches when the loss at a position does not depend on the length.
+    plan = []
+    for k, L in enumerate(lengths if "whole" in modes else []):
+        if length_free:
+            top = [i for i, d in enumerate(docs) if len(d) >= L and (k + 1 == len(lengths)
+                                                                      or len(d) < lengths[k + 1])]
+            plan.append((L, lengths[:k + 1], top))
+        else:
+            plan.append((L, [L], [i for i, d in enumerate(docs) if len(d) >= L]))
+    slides = {L: sliding_windows(L, window, stride) for L in (lengths if "sliding" in modes else [])}
+    if progress is not None:  # tokens through the model
+        progress.reset(total=sum(L * len(members) for L, _, members in plan)
+                       + sum(sum(len(d) >= L for d in docs) * sum(b - a for a, b, _ in spans)
+                             for L, spans in slides.items()))
+
     if "whole" in modes:
         by_length = {L: Curve("whole", L, L, None, bucket) for L in lengths}
         for L in lengths:
             by_length[L].documents = sum(len(d) >= L for d in docs)
             by_length[L].skipped = len(docs) - by_length[L].documents
-        # (forward length, the lengths it serves, documents): a document runs at the largest length it reaches.
-        plan = []
-        for k, L in enumerate(lengths):
-            if length_free:
-                top = [i for i, d in enumerate(docs) if len(d) >= L and (k + 1 == len(lengths)
-                                                                          or len(d) < lengths[k + 1])]
-                plan.append((L, lengths[:k + 1], top))
-            else:
-                plan.append((L, [L], [i for i, d in enumerate(docs) if len(d) >= L]))
         for L, serves, members in plan:
             losses = run([list(docs[i][:L]) for i in members])  # [docs, L-1]
             for row in losses:
@@ -252,7 +259,7 @@ def evaluate_model(model, docs: Sequence[Sequence[int]], lengths: Sequence[int],
             curve = Curve("sliding", L, min(window, L), stride if L > window else None, bucket)
             members = [d for d in docs if len(d) >= L]
             curve.documents, curve.skipped = len(members), len(docs) - len(members)
-            spans = sliding_windows(L, window, stride)
+            spans = slides[L]
             rows = [list(d[a:b]) for d in members for a, b, _ in spans]
             losses = run(rows)  # [docs * windows, window-1]
             for r, row in enumerate(losses):
@@ -469,8 +476,7 @@ def run(args) -> List[Dict]:
                     tokenized = [tokenize_prefix(tokenizer, text, max(args.lengths)) for _, text in docs_text]
                 max_pos = model.config.max_position_embeddings
                 window = args.window or max_pos
-                total = sum(min(len(d), L) for d in tokenized for L in args.lengths) * len(args.modes)
-                with tqdm(total=total, desc=f"{name} rope={scaling_label(scaling)}", unit="tok",
+                with tqdm(desc=f"{name} rope={scaling_label(scaling)}", unit="tok",
                           disable=None) as bar:
                     curves = evaluate_model(model, tokenized, args.lengths, args.modes, args.bucket, window,
                                             args.stride, args.batch_size, args.loss_chunk, progress=bar)
