@@ -34,6 +34,12 @@ if is_template "$HOSTFILE"; then
   else
     LAUNCH=(--num_gpus "${GPUS_PER_NODE:-2}")  # DeepSpeed's CPU accelerator: one process per "GPU", gloo backend
     where="${GPUS_PER_NODE:-2} CPU ranks (no GPU found)"
+    export DS_ACCELERATOR=cpu  # said once here rather than warned by every process that imports DeepSpeed
+    ext_dir=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
+    if ! ls "$ext_dir"/*/fused_adam/*.so "$ext_dir"/*/deepspeed_shm_comm/*.so >/dev/null 2>&1; then
+      echo "train.sh: first run here: DeepSpeed compiles its CPU ops (shared-memory all-reduce, Adam) once," \
+        "about 2 minutes, into $ext_dir (set TORCH_EXTENSIONS_DIR to move it)" >&2
+    fi
   fi
   DS_CONFIG=${DS_CONFIG:-config/deepspeed_tiny.json}
   MODEL=${MODEL:-tiny}
