@@ -408,7 +408,8 @@ def parse_args(argv=None):
                    help="a train.py --checkpoint_saving_path: add the documents of the --val_dir it recorded "
                         "(one per line), text the model never trained on")
     p.add_argument("--unit", choices=["file", "line"], default="file",
-                   help="file: one document per file (books); line: one per non-empty line (train.py's layout)")
+                   help="file: one document per file (books); line: one per non-empty line (train.py's layout) "
+                        "(default: %(default)s)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 6144, 8192],
                    help="evaluation lengths in tokens (default: %(default)s)")
     p.add_argument("--max_eval_length", type=int, default=32768,
@@ -421,17 +422,17 @@ def parse_args(argv=None):
     p.add_argument("--stride", type=int, default=None, help="sliding stride (default: half the window)")
     p.add_argument("--rope_scaling", nargs="+", default=["none"],
                    help="variants to evaluate each model with: 'none' (the folder's own config), "
-                        "'linear:<factor>', 'dynamic:<factor>' (default: none)")
+                        "'linear:<factor>', 'dynamic:<factor>' (default: %(default)s)")
     p.add_argument("--max_documents", type=int, default=None, help="evaluate only the first N documents")
     p.add_argument("--batch_size", type=int, default=1, help="rows per forward (default: %(default)s)")
     p.add_argument("--loss_chunk", type=int, default=1024,
                    help="tokens per vocabulary projection in the loss (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda:0' ...")
+    p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda:0' ... (default: %(default)s)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help="weights dtype; auto = bfloat16 on GPU, float32 on CPU (losses are fp32 either way)")
     p.add_argument("--trust_remote_code", action="store_true",
                    help="run a non-baichuan folder's own Python code (baichuan folders never need it)")
-    p.add_argument("--output_dir", "-o", default="results/ppl", help="where ppl.json/.csv/.png go")
+    p.add_argument("--output_dir", "-o", default="results/ppl", help="where ppl.json/.csv/.png go (default: %(default)s)")
     args = p.parse_args(argv)
     for flag in ("bucket", "batch_size", "loss_chunk", "window", "stride", "max_documents"):
         value = getattr(args, flag)
