@@ -174,22 +174,43 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding, rotate-half convention, base 10000.
+    """Rotary position embedding, rotate-half convention, base ``rope_theta``, with transformers' RoPE scaling.
 
     Holds no state: cos/sin are computed in fp32 from the positions at hand on every call (b x s x d values, no
     table). Nothing here reads a tensor back to the host, so a CUDA step never waits on it and torch.compile
     traces a whole layer as one graph. Released checkpoints carry ``rotary_emb.inv_freq``; it is a pure function
     of the sizes, so it is dropped on load.
+
+    ``scaling`` = {"type", "factor"} (the config's ``rope_scaling``), as transformers' Llama computes it:
+    linear divides the frequencies by the factor; dynamic NTK raises the base to
+    ``base * (factor * L / max_pos - (factor - 1)) ** (d / (d - 2))`` for a call whose largest position is L - 1
+    with L > max_pos. Unlike transformers, L is that of the call alone (transformers keeps the largest L it has
+    seen), so the same tokens give the same numbers whatever ran before.
     """
 
-    def __init__(self, dim: int, max_position_embeddings: int = 4096, base: float = 10000.0):
+    def __init__(self, dim: int, max_position_embeddings: int = 4096, base: float = 10000.0,
+                 scaling: Optional[dict] = None):
         super().__init__()
         self.dim, self.base = dim, base
         self.max_position_embeddings = max_position_embeddings
+        self.scaling_type = scaling["type"] if scaling else None
+        self.factor = scaling["factor"] if scaling else 1.0
+
+    def inv_freq(self, position_ids: torch.Tensor) -> torch.Tensor:
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.float32, device=position_ids.device) / self.dim  # [d/2]
+        base = self.base
+        if self.scaling_type == "dynamic":
+            # A device tensor, not a Python number: reading the largest position back would sync the GPU.
+            length = (position_ids.max() + 1).clamp(min=self.max_position_embeddings).float()
+            base = base * (self.factor * length / self.max_position_embeddings - (self.factor - 1)) ** (
+                self.dim / (self.dim - 2))
+        inv_freq = 1.0 / (base ** exponents)  # [d/2]
+        if self.scaling_type == "linear":
+            inv_freq = inv_freq / self.factor
+        return inv_freq
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=position_ids.device)
-                                        / self.dim))  # [d/2]
+        inv_freq = self.inv_freq(position_ids)  # [d/2]
         freqs = position_ids[..., None].float() * inv_freq  # [b, s, d/2], in fp32: bf16 positions lose integers
         emb = torch.cat((freqs, freqs), dim=-1)  # [b, s, d]
         # [b, s, d] -> [b, 1, s, d] to broadcast over heads
@@ -232,7 +253,8 @@ class Attention(nn.Module):
         self.hidden_size = config.hidden_size
         self.W_pack = nn.Linear(self.hidden_size, 3 * self.hidden_size, bias=False)  # q, k, v in that order
         self.o_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, config.rope_theta,
+                                          config.rope_scaling)
 
     def forward(self, x, position_ids, mask, past_key_value: Optional[Cache] = None):
         b, s, _ = x.shape
@@ -368,6 +390,13 @@ class BaiChuanModel(BaiChuanPreTrainedModel):
         elif isinstance(past_key_values, (tuple, list)):
             past_key_values = DynamicCache.from_legacy_cache(past_key_values)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past and self.config.rope_scaling_type == "dynamic" and past + s > self.config.max_position_embeddings:
+            # The cached keys were rotated with the base of a shorter length; mixing them with this call's base
+            # would give neither length's numbers.
+            raise ValueError(
+                f"dynamic RoPE scaling sets the rotary base from the sequence length, so keys cached at length "
+                f"{past} cannot be reused past max_position_embeddings ({self.config.max_position_embeddings}); "
+                "run the whole sequence in one call (use_cache=False when generating)")
         if attention_mask is not None and attention_mask.shape != (b, past + s):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, past + s)} "
                              "(cache length + new tokens)")

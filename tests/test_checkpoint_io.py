@@ -513,3 +513,20 @@ def test_plot_loss_bad_metrics_are_clear_errors(workdir, capsys):
     with pytest.raises(SystemExit, match=r"--x tokens: .*run_config.json is missing"):
         plot_loss.main([str(bad), "-o", str(workdir / "x.png"), "--x", "tokens"])
     assert not (workdir / "x.png").exists()
+
+
+def test_evaluate_ppl_reads_a_checkpoint_tag_through_the_export(runs, exported, workdir):
+    """evaluate_ppl on train.py's checkpoint folder and a tag gives the curve of the folder exported from it."""
+    from evaluation import evaluate_ppl
+
+    book = workdir / "ppl-book.txt"
+    book.write_text("the quick brown fox jumps over the lazy dog, " * 40 + "\n", encoding="utf-8")
+    curves = {}
+    for name, model in (("checkpoint", [str(runs[2]), "--tag", "step3"]), ("folder", [str(exported[2])])):
+        curves[name] = evaluate_ppl.main(["--model", *model, "--data", str(book), "--lengths", "48", "--bucket", "16",
+                                          "--modes", "whole", "--device", "cpu",
+                                          "--output_dir", str(workdir / f"ppl-{name}")])[0]
+    assert curves["checkpoint"]["model"] == "zero2@step3"
+    assert curves["checkpoint"]["tokens"] == curves["folder"]["tokens"] == 47
+    for a, b in zip(curves["checkpoint"]["buckets"], curves["folder"]["buckets"]):
+        assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
