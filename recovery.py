@@ -146,6 +146,14 @@ def schedule_length(max_steps: int, saved: Optional[int], keep: bool) -> int:
     return max_steps
 
 
+def set_schedule_length(engine, schedule_steps: int) -> None:
+    """After loading a checkpoint: its scheduler state carries the old length (training/schedule.py's
+    WarmupCosine is saved with its parameters); give it the length schedule_length chose."""
+    for fn in getattr(engine.lr_scheduler, "lr_lambdas", []):
+        if hasattr(fn, "total"):
+            fn.total = schedule_steps
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Non-finite loss or gradient norm
 # ----------------------------------------------------------------------------------------------------------

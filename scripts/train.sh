@@ -16,8 +16,10 @@
 #   LAUNCHER=torchrun NNODES=2 RDZV_ENDPOINT=node1:29400 GPUS_PER_NODE=8 scripts/train.sh
 # with MAX_RESTARTS (default 3), NNODES (default 1; MIN:MAX for elastic membership), RDZV_ENDPOINT (default
 # localhost:$MASTER_PORT) and RDZV_ID (default baichuan).
+# The first run sets up .venv (scripts/setup_env.sh); USE_CURRENT_ENV=1 uses the active environment instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/setup_env.sh
 
 HOSTFILE=${HOSTFILE:-config/hostfile}
 DATA_DIR=${DATA_DIR:-data_dir}
@@ -35,6 +37,7 @@ if [ "$LAUNCHER" = torchrun ]; then
   GPUS=$( (command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -c '^GPU') || echo 0)
   NPROC=${GPUS_PER_NODE:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 2)}
   NNODES=${NNODES:-1}
+  [ "$GPUS" = 0 ] && export DS_ACCELERATOR=cpu  # DeepSpeed's CPU accelerator, gloo backend
   DS_CONFIG=${DS_CONFIG:-$([ "$NNODES" = 1 ] && [ "$GPUS" = 0 ] && echo config/deepspeed_tiny.json || echo config/deepspeed.json)}
   MODEL=${MODEL:-$([ "$DS_CONFIG" = config/deepspeed_tiny.json ] && echo tiny || echo 7b)}
   MAX_LENGTH=${MAX_LENGTH:-$([ "$MODEL" = tiny ] && echo 256 || echo 4096)}
@@ -58,6 +61,12 @@ if is_template "$HOSTFILE"; then
   else
     LAUNCH=(--num_gpus "${GPUS_PER_NODE:-2}")  # DeepSpeed's CPU accelerator: one process per "GPU", gloo backend
     where="${GPUS_PER_NODE:-2} CPU ranks (no GPU found)"
+    export DS_ACCELERATOR=cpu  # said once here rather than warned by every process that imports DeepSpeed
+    ext_dir=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
+    if ! ls "$ext_dir"/*/fused_adam/*.so "$ext_dir"/*/deepspeed_shm_comm/*.so >/dev/null 2>&1; then
+      echo "train.sh: first run here: DeepSpeed compiles its CPU ops (shared-memory all-reduce, Adam) once," \
+        "about 2 minutes, into $ext_dir (set TORCH_EXTENSIONS_DIR to move it)" >&2
+    fi
   fi
   DS_CONFIG=${DS_CONFIG:-config/deepspeed_tiny.json}
   MODEL=${MODEL:-tiny}
