@@ -1,6 +1,6 @@
 """Recovery time under torchrun: from SIGKILLing one rank to the first training step of the restarted job.
 
-    python benchmarks/bench_recovery.py --nproc 2 --kill_at 6 --steps_per_epoch 4
+    python benchmarks/bench_recovery.py --nproc 2 --kill_at 6 --save_every 4
 
 Trains the tiny preset (max_length 64, fp32) under `torchrun --max-restarts 1 --rdzv-backend c10d` on this
 machine's GPUs or, without one, on CPU ranks, SIGKILLs local rank 1 once step --kill_at is logged, and reads
@@ -35,7 +35,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=2, help="ranks (default 2)")
     p.add_argument("--kill_at", type=int, default=6, help="SIGKILL rank 1 once this step is logged (default 6)")
-    p.add_argument("--steps_per_epoch", type=int, default=4, help="checkpoint interval (default 4)")
+    p.add_argument("--save_every", type=int, default=4, help="checkpoint interval (default 4)")
     p.add_argument("--timeout", type=float, default=600, help="give up after this many seconds (default 600)")
     args = p.parse_args()
     import psutil
@@ -46,12 +46,12 @@ def main():
                   tensorboard={"enabled": False})
     (work / "ds.json").write_text(json.dumps(config))
     save = work / "ckpt"
-    max_steps = args.kill_at + args.steps_per_epoch + 2
+    max_steps = args.kill_at + args.save_every + 2
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc), "--max-restarts", "1",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(ROOT / "train.py"),
            "--deepspeed", "--deepspeed_config", str(work / "ds.json"), "--model_config", "tiny",
            "--data_dir", str(ROOT / "data_dir"), "--max_length", "64", "--max_steps", str(max_steps),
-           "--steps_per_epoch", str(args.steps_per_epoch), "--checkpoint_saving_path", str(save),
+           "--save_every", str(args.save_every), "--checkpoint_saving_path", str(save),
            "--cache_dir", str(work / "token-cache"), "--num_workers", "1"]
     log = open(work / "train.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

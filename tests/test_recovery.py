@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(), reason="tokenizer.model
 STEPS, EVERY = 16, 4
 # Data batch 5 gives a NaN loss on rank 1 (skipped), batch 13 a spike (rolled back and stepped over).
 NAN_BATCH, SPIKE_BATCH = 5, 13
-RECOVERY_FLAGS = ("--max_steps", STEPS, "--steps_per_epoch", EVERY, "--spike_window", 4, "--spike_k", 10)
+RECOVERY_FLAGS = ("--max_steps", STEPS, "--save_every", EVERY, "--spike_window", 4, "--spike_k", 10)
 
 
 def losses(save: Path):
