@@ -146,9 +146,11 @@ def schedule_length(max_steps: int, saved: Optional[int], keep: bool) -> int:
     return max_steps
 
 
-def set_schedule_length(engine, schedule_steps: int) -> None:
+def set_schedule_length(engine, schedule_steps: Optional[int]) -> None:
     """After loading a checkpoint: its scheduler state carries the old length (training/schedule.py's
     WarmupCosine is saved with its parameters); give it the length schedule_length chose."""
+    if schedule_steps is None:
+        return
     for fn in getattr(engine.lr_scheduler, "lr_lambdas", []):
         if hasattr(fn, "total"):
             fn.total = schedule_steps

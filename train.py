@@ -131,7 +131,7 @@ def parse_args():
     return args
 
 
-def load_ds_config(args, schedule_steps: int) -> dict:
+def load_ds_config(args, saved_schedule_steps) -> dict:
     path = Path(args.deepspeed_config)
     if not path.is_file():
         raise FileNotFoundError(f"--deepspeed_config {path}: no such file")
@@ -139,7 +139,7 @@ def load_ds_config(args, schedule_steps: int) -> dict:
     # The schedule's length is the run's length: "auto" takes --max_steps rather than repeating it.
     sched = ds.get("scheduler", {}).get("params", {})
     if sched.get("total_num_steps") == "auto":
-        sched["total_num_steps"] = schedule_steps
+        sched["total_num_steps"] = recovery.schedule_length(args.max_steps, saved_schedule_steps, args.keep_schedule)
     return ds
 
 
@@ -173,9 +173,8 @@ def main():
         return
     if resume_tag:
         recovery.check_world_size(resumed_info, resume_tag, world)
-    schedule_steps = recovery.schedule_length(args.max_steps, resumed_info.get("schedule_steps"),
-                                              args.keep_schedule)
-    ds_config = load_ds_config(args, schedule_steps)
+    ds_config = load_ds_config(args, resumed_info.get("schedule_steps"))
+    schedule_steps = ds_config.get("scheduler", {}).get("params", {}).get("total_num_steps")
     micro_bs = ds_config.get("train_micro_batch_size_per_gpu", 1)
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
 
