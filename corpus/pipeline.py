@@ -12,7 +12,8 @@ Steps, in order, each switchable and each reported with the documents and charac
   2. heuristic filters: length, language (zh/en), share of symbols, share of digits, repeated lines,
      repeated n-grams (thresholds below, all options);
   3. exact de-duplication (64-bit digest of the normalized text);
-  4. document-level near-duplicate removal: MinHash over character shingles + LSH;
+  4. document-level near-duplicate removal: MinHash over character shingles + LSH, each LSH candidate
+     confirmed by the exact Jaccard of the two shingle sets before the document is removed;
   5. sentence-level near-duplicate removal: sentences (zh 。！？； / en .!? followed by a space) that
      near-duplicate a sentence of an earlier kept document are dropped (boilerplate), and documents
      left shorter than --min-chars are dropped;
@@ -53,10 +54,11 @@ MEMORY_NOTE = """\
 memory: document texts stream through: the reader keeps at most 2 chunks per process in flight
 (a chunk is ~1 M characters) and kept documents are spilled to a temporary file, so memory does not grow
 with the characters of the corpus. What stays resident grows per kept document (compact backend,
---num-perm 128, thresholds 0.8 -> 9 bands of 13 rows): 12 B for exact de-duplication, 108 B for the
-document LSH, 108 B per new (not near-duplicate) sentence of >= --sentence-min-chars for the sentence
+--num-perm 128, thresholds 0.8 -> 18 bands of 6 rows for documents, 9 of 13 for sentences): 12 B for exact
+de-duplication, 216 B for the document LSH (+ ~100 B per document shortened by the sentence step, whose
+signed text the candidate check keeps in a scratch file), 108 B per new (not near-duplicate) sentence of >= --sentence-min-chars for the sentence
 LSH, 8 B for the spill offset (+8 B with --log-removed) and, in the final pass, ~50 B for the shuffle
-plan: ~180 B per kept document plus ~108 B per indexed sentence, e.g. ~1.4 GB for 2 M documents of 5
+plan: ~290 B per kept document plus ~108 B per indexed sentence, e.g. ~1.6 GB for 2 M documents of 5
 indexed sentences, on top of ~0.3 GB fixed (interpreter, libraries, the last 512 K keys of each index
 kept in a dict before they are merged into sorted arrays). The datasketch backend (MinHashLSH) needs
 ~3.6 KB per document and per sentence instead. Temporary files need about the size of the output."""
@@ -280,6 +282,7 @@ class Stats:
         self.removed_chars = collections.Counter()
         self.docs_in = self.chars_in = self.docs_out = self.chars_out = 0
         self.sentences_indexed = self.sentences_removed = 0
+        self.candidates_checked = self.candidates_rejected = 0
 
     def remove(self, step: str, docs: int, chars: int) -> None:
         self.removed_docs[step] += docs
@@ -291,7 +294,12 @@ def deduplicate(results, cfg: WorkerConfig, args, stats: Stats, spill, offsets: 
     """Exact, document and sentence de-duplication over the stream, writing kept documents to `spill`."""
     Backend = dedup.BACKENDS[args.lsh_backend]
     exact = dedup.ExactIndex() if cfg.exact else None
-    doc_lsh = Backend(args.threshold, cfg.num_perm, cfg.seed) if cfg.doc_dedup else None
+    check = None
+    if cfg.doc_dedup and not args.no_candidate_check:
+        check = dedup.CandidateCheck(textproc.Signer(cfg.num_perm, cfg.seed, cfg.shingle), args.threshold, spill,
+                                     offsets, Path(spill.name).with_name("signed_texts.txt"))
+    doc_params = dedup.recall_params(args.threshold, cfg.num_perm) if check else None
+    doc_lsh = Backend(args.threshold, cfg.num_perm, cfg.seed, doc_params) if cfg.doc_dedup else None
     sent_lsh = Backend(args.sentence_threshold, cfg.num_perm, cfg.seed) if cfg.sentence_dedup else None
     min_chars = max(1, cfg.filters.min_chars or 0) if cfg.filters else 1
     kept_where = array.array("Q")  # (file, line) of each kept document, packed; only to name duplicates in the log
@@ -332,10 +340,11 @@ def deduplicate(results, cfg: WorkerConfig, args, stats: Stats, spill, offsets: 
                 removed("exact_duplicate", locations[i], len(text), min(owners))
                 j += 1
                 continue
-            owners = doc_lsh.query(doc_batch, j) if doc_lsh else ()
-            if owners:
+            candidates = doc_lsh.query(doc_batch, j) if doc_lsh else ()
+            owner = (check.confirm(text, candidates) if check else min(candidates)) if candidates else None
+            if owner is not None:
                 stats.remove("near_duplicate_document", 1, len(text))
-                removed("near_duplicate_document", locations[i], len(text), min(owners))
+                removed("near_duplicate_document", locations[i], len(text), owner)
                 j += 1
                 continue
             final, fresh_rows = text, rows
@@ -359,7 +368,9 @@ def deduplicate(results, cfg: WorkerConfig, args, stats: Stats, spill, offsets: 
             if exact:
                 exact.insert(exact_batch, j, ordinal)
             if doc_lsh:
-                doc_lsh.insert(doc_batch, j, ordinal)
+                doc_lsh.insert(doc_batch, j, ordinal, fresh=not candidates)
+            if check:
+                check.kept(ordinal, text, final)
             for row in fresh_rows:
                 sent_lsh.insert(sent_batch, row, ordinal)
             if log is not None:
@@ -375,6 +386,9 @@ def deduplicate(results, cfg: WorkerConfig, args, stats: Stats, spill, offsets: 
                 index.end_batch()
         if progress is not None:
             progress()
+    if check:
+        stats.candidates_checked, stats.candidates_rejected = check.checked, check.rejected
+        check.close()
     return {name: idx.nbytes() for name, idx in (("exact", exact), ("document_lsh", doc_lsh),
                                                  ("sentence_lsh", sent_lsh)) if idx is not None}
 
@@ -460,6 +474,9 @@ def summary_table(stats: Stats) -> str:
     if stats.sentences_indexed:
         lines.append(f"sentences indexed {stats.sentences_indexed:,}, removed as near-duplicates "
                      f"{stats.sentences_removed:,}")
+    if stats.candidates_checked:
+        lines.append(f"document LSH candidates checked {stats.candidates_checked:,}, rejected (Jaccard below "
+                     f"--threshold, kept) {stats.candidates_rejected:,}")
     return "\n".join(lines)
 
 
@@ -541,6 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (default 128)")
     g.add_argument("--shingle", type=int, default=5,
                    help="character shingle size for MinHash, on lower-cased text (default 5)")
+    g.add_argument("--no-candidate-check", action="store_true",
+                   help="remove every document LSH candidate unchecked, with datasketch's banding (9 bands of 13 "
+                        "rows at 0.8), as before; by default each candidate is confirmed by the exact Jaccard of "
+                        "the shingle sets and the banding is chosen for recall (18 of 6 at 0.8)")
     g.add_argument("--lsh-backend", choices=sorted(dedup.BACKENDS), default="compact",
                    help="compact: datasketch's banding stored in numpy (~110 B per signature); datasketch: "
                         "datasketch.MinHashLSH itself (~3.6 KB per signature). Same results.")
@@ -562,6 +583,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("threshold", "sentence_threshold"):
         try:
             dedup.lsh_params(getattr(args, flag), args.num_perm)
+            if flag == "threshold" and not args.no_candidate_check:
+                dedup.recall_params(args.threshold, args.num_perm)
         except ValueError as err:  # datasketch finds no banding with >= 2 bands, e.g. 0.99 at 128 permutations
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} with --num-perm {args.num_perm}: {err}")
     languages = None if args.languages == "any" else tuple(x.strip() for x in args.languages.split(",") if x.strip())
@@ -603,7 +626,7 @@ def run(args: argparse.Namespace) -> dict:
 
         offsets = array.array("q", [0])
         spill_path = spill_dir / "spill.txt"
-        with open(spill_path, "wb") as spill:
+        with open(spill_path, "w+b") as spill:  # read back by the candidate check
             results = ordered_results(reader.chunks(), cfg, args.processes)
             index_bytes = deduplicate(results, cfg, args, stats, spill, offsets, log, files, progress)
         bar.close()
@@ -623,6 +646,7 @@ def run(args: argparse.Namespace) -> dict:
         "documents_out": stats.docs_out, "characters_out": stats.chars_out,
         "removed_documents": dict(stats.removed_docs), "removed_characters": dict(stats.removed_chars),
         "sentences_indexed": stats.sentences_indexed, "sentences_removed": stats.sentences_removed,
+        "candidates_checked": stats.candidates_checked, "candidates_rejected": stats.candidates_rejected,
         "malformed_input": dict(report.counts), "malformed_locations": dict(report.locations),
         "shard_bytes": shard_bytes, "index_bytes": index_bytes, "lsh_backend": args.lsh_backend,
     }
