@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from corpus import dedup, text as textproc
+from corpus import dedup, langid, text as textproc
 
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 SHARD_NAME = "part-{:05d}.txt"
@@ -528,9 +528,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-chars", type=_int_or_off, default=d.max_chars,
                    help=f"drop documents longer than this (default {d.max_chars:,})")
     g.add_argument("--languages", default="zh,en",
-                   help="comma list of languages to keep among zh, en; 'any' keeps all (default zh,en). zh: CJK "
-                        "ideographs outweigh other letters; en: Latin letters (4 letters weigh one ideograph) "
-                        "and >= 2 English function words")
+                   help="comma list of ISO 639-1 codes of the languages to keep; 'any' keeps all (default zh,en). "
+                        "zh covers Mandarin, Wu and Cantonese in simplified or traditional characters")
+    g.add_argument("--language-threshold", default="",
+                   help="per-language confidence a document needs, e.g. 'zh=0.6,en=0.8' (default 0.5 for each "
+                        "language of --languages)")
+    g.add_argument("--language-id", choices=["model", "script"], default="model",
+                   help="model: py3langid's 97-language model on the first 384 bytes of each document (default); "
+                        "script: character classes, zh and en only (CJK ideographs outweigh other letters; Latin "
+                        "letters and >= 2 English function words), faster")
     g.add_argument("--max-symbol-ratio", type=_ratio_or_off, default=d.max_symbol_ratio,
                    help=f"drop documents whose non-space characters are more than this share of symbols "
                         f"(Unicode S*, #$%%&*+/<=>@[\\]^`{{|}}~) (default {d.max_symbol_ratio})")
@@ -588,8 +594,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         except ValueError as err:  # datasketch finds no banding with >= 2 bands, e.g. 0.99 at 128 permutations
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} with --num-perm {args.num_perm}: {err}")
     languages = None if args.languages == "any" else tuple(x.strip() for x in args.languages.split(",") if x.strip())
-    if languages is not None and (not languages or set(languages) - {"zh", "en"}):
-        parser.error(f"--languages {args.languages!r}: use a comma list of zh, en, or 'any'")
+    args.language_thresholds = ()
+    if languages is not None and args.language_id == "script" and (not languages or set(languages) - {"zh", "en"}):
+        parser.error(f"--languages {args.languages!r} with --language-id script: use a comma list of zh, en, or 'any'")
+    if languages is not None and args.language_id == "model":
+        try:
+            thresholds = langid.parse_thresholds(args.languages, args.language_threshold)
+            langid.LanguageId(thresholds)
+        except ValueError as err:
+            parser.error(f"--languages {args.languages!r} / --language-threshold {args.language_threshold!r}: {err}")
+        if not thresholds:
+            parser.error(f"--languages {args.languages!r}: name at least one language, or 'any'")
+        args.language_thresholds = tuple(sorted(thresholds.items()))
     args.language_tuple = languages
     return args
 
@@ -601,6 +617,7 @@ def run(args: argparse.Namespace) -> dict:
     replaced = check_output_dir(output_dir, args.overwrite)
     filters = None if args.no_filters else textproc.FilterConfig(
         min_chars=args.min_chars, max_chars=args.max_chars, languages=args.language_tuple,
+        language_id=args.language_id, language_thresholds=args.language_thresholds,
         max_symbol_ratio=args.max_symbol_ratio, max_digit_ratio=args.max_digit_ratio,
         max_dup_line_ratio=args.max_dup_line_ratio, max_dup_ngram_ratio=args.max_dup_ngram_ratio,
         dup_ngram_chars=args.dup_ngram_chars)
