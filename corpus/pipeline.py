@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from corpus import dedup, langid, text as textproc
+from corpus import dedup, langid, quality, text as textproc
 
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 SHARD_NAME = "part-{:05d}.txt"
@@ -199,6 +199,9 @@ class WorkerConfig:
     num_perm: int
     seed: int
     shingle: int
+    quality_model: str | None = None
+    quality_level: str = "paragraph"
+    quality_thresholds: tuple[tuple[str, float], ...] = ()
 
 
 _WORKER: "Worker | None" = None
@@ -208,6 +211,8 @@ class Worker:
     def __init__(self, cfg: WorkerConfig):
         self.cfg = cfg
         self.signer = textproc.Signer(cfg.num_perm, cfg.seed, cfg.shingle)
+        self.quality = quality.QualityStep(cfg.quality_model, cfg.quality_level, dict(cfg.quality_thresholds)) \
+            if cfg.quality_model else None
 
     def process(self, texts: list[str]) -> dict:
         """Normalize and filter every document; digest and sign those that pass.
@@ -216,15 +221,35 @@ class Worker:
         that dropped it (None when it passed); for passing documents their text, exact digest, document
         signature, sentence spans, which spans are indexed, and one signature per indexed sentence."""
         cfg = self.cfg
-        out = {"norm_chars": [], "dropped": [], "texts": [], "spans": [], "indexed": []}
+        out = {"norm_chars": [], "dropped": [], "texts": [], "spans": [], "indexed": [], "quality": [],
+               "quality_chars": []}
         sentence_texts = []
         for raw in texts:
             lines = textproc.normalize_lines(raw) if cfg.normalize else [s for s in raw.splitlines() if s.strip()]
             text = textproc.join_lines(lines)
             out["norm_chars"].append(len(text))
             reason = "empty" if not text else None
+            info = {}
             if reason is None and cfg.filters is not None:
-                reason = textproc.first_failed_filter(lines, text, cfg.filters)
+                reason = textproc.first_failed_filter(lines, text, cfg.filters, info)
+            scored = None
+            if reason is None and self.quality is not None:
+                lang = info.get("language") or langid.LanguageId().classify(text)[0]
+                kept, scores, keep = self.quality.apply(lines, lang, textproc.join_lines, textproc.sentence_spans)
+                scored = (lang, None if scores is None else scores.astype(np.float32), keep)
+                if kept is not None:
+                    min_chars = max(1, (cfg.filters.min_chars or 0) if cfg.filters else 1)
+                    reason = "quality" if len(kept) < min_chars else None
+                    if reason is None:
+                        out["quality_chars"].append(len(text) - len(kept))
+                        text = kept
+                    else:
+                        scored = (lang, scores.astype(np.float32), np.zeros_like(keep))
+                else:
+                    out["quality_chars"].append(0)
+            elif reason is None:
+                out["quality_chars"].append(0)
+            out["quality"].append(scored)
             out["dropped"].append(reason)
             if reason is not None:
                 continue
@@ -290,7 +315,7 @@ class Stats:
 
 
 def deduplicate(results, cfg: WorkerConfig, args, stats: Stats, spill, offsets: array.array, log, files,
-                progress=None):
+                progress=None, quality_log=None):
     """Exact, document and sentence de-duplication over the stream, writing kept documents to `spill`."""
     Backend = dedup.BACKENDS[args.lsh_backend]
     exact = dedup.ExactIndex() if cfg.exact else None
@@ -325,10 +350,14 @@ def deduplicate(results, cfg: WorkerConfig, args, stats: Stats, spill, offsets: 
         sent_batch = sent_lsh.batch(res["sentence_sigs"]) if sent_lsh else None
         j = sentence_row = 0  # index among passing documents / first sentence signature row of document j
         for i, reason in enumerate(res["dropped"]):
+            if quality_log is not None and res["quality"][i] is not None:
+                quality_log(locations[i], *res["quality"][i])
             if reason is not None:
                 stats.remove(reason, 1, res["norm_chars"][i])
                 removed(reason, locations[i], res["norm_chars"][i])
                 continue
+            if res["quality_chars"][j]:
+                stats.remove("quality", 0, res["quality_chars"][j])
             text = res["texts"][j]
             rows = []
             if sent_lsh:
@@ -457,7 +486,7 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> list[Path]:
 # Report
 # ---------------------------------------------------------------------------------------------
 STEP_ORDER = ["normalize", "empty", "too_short", "too_long", "language", "symbols", "digits", "repeated_lines",
-              "repeated_ngrams", "exact_duplicate", "near_duplicate_document", "near_duplicate_sentences"]
+              "repeated_ngrams", "quality", "exact_duplicate", "near_duplicate_document", "near_duplicate_sentences"]
 
 
 def summary_table(stats: Stats) -> str:
@@ -571,6 +600,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lsh-backend", choices=sorted(dedup.BACKENDS), default="compact",
                    help="compact: datasketch's banding stored in numpy (~110 B per signature); datasketch: "
                         "datasketch.MinHashLSH itself (~3.6 KB per signature). Same results.")
+    g = p.add_argument_group("quality model (after the filters, before de-duplication; see docs/quality.md)")
+    g.add_argument("--quality-model",
+                   help="score units with this model and drop those below the threshold of their document's "
+                        "language: a file from scripts/train_quality_model.py, or a shipped model: "
+                        f"{', '.join(quality.NAMED)} (default: no quality step)")
+    g.add_argument("--quality-level", choices=quality.LEVELS, default="paragraph",
+                   help="unit scored and dropped: the document, each of its lines (paragraph), or each sentence "
+                        "(default paragraph); a document left shorter than --min-chars is dropped")
+    thresholds = g.add_mutually_exclusive_group()
+    thresholds.add_argument("--quality-threshold",
+                            help="lowest score kept, one value or per language ('en=0.6,zh=0.5'); scores are "
+                                 "P(good) for a classifier, mean log2 probability per token for a perplexity "
+                                 "model (default: 0.5 for a classifier, the 5th percentile of the model's held-out "
+                                 "reference text for a perplexity model)")
+    thresholds.add_argument("--quality-percentile",
+                            help="drop units scoring below this percentile of the model's held-out reference "
+                                 "text, one value or per language ('en=10,zh=5')")
+    g.add_argument("--quality-scores",
+                   help="write one JSON line per scored unit (source, unit, language, score, kept); the report "
+                        "always has a histogram per language")
     p.add_argument("--no-shuffle", action="store_true", help="keep input order (shards are still balanced)")
     return p
 
@@ -607,6 +656,17 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--languages {args.languages!r}: name at least one language, or 'any'")
         args.language_thresholds = tuple(sorted(thresholds.items()))
     args.language_tuple = languages
+    args.quality_thresholds = ()
+    if args.quality_model:
+        try:
+            model = quality.QualityModel.load(args.quality_model)
+            args.quality_thresholds = tuple(sorted(quality.resolve_thresholds(
+                model, languages, args.quality_threshold, args.quality_percentile).items()))
+        except (quality.QualityModelError, ValueError) as err:
+            parser.error(f"--quality-model {args.quality_model}: {err}")
+        args.quality_kind = model.kind
+    elif args.quality_threshold or args.quality_percentile or args.quality_scores:
+        parser.error("--quality-threshold, --quality-percentile and --quality-scores need --quality-model")
     return args
 
 
@@ -624,7 +684,8 @@ def run(args: argparse.Namespace) -> dict:
     cfg = WorkerConfig(normalize=not args.no_normalize, filters=filters, exact=not args.no_exact_dedup,
                        doc_dedup=not args.no_doc_dedup, sentence_dedup=not args.no_sentence_dedup,
                        sentence_min_chars=args.sentence_min_chars, num_perm=args.num_perm, seed=args.seed,
-                       shingle=args.shingle)
+                       shingle=args.shingle, quality_model=args.quality_model, quality_level=args.quality_level,
+                       quality_thresholds=args.quality_thresholds)
     reader = Reader(files, args.txt_docs, args.text_field, report, args.on_error)
     total_bytes = sum(f.stat().st_size for f in files)
     # Shards are staged beside data_dir (same file system, so the final renames are atomic); the spill file
@@ -634,6 +695,22 @@ def run(args: argparse.Namespace) -> dict:
     stats = Stats()
     start = time.perf_counter()
     log = open(args.log_removed, "w", encoding="utf-8") if args.log_removed else None
+    scores_file = open(args.quality_scores, "w", encoding="utf-8") if args.quality_scores else None
+    histogram = quality.Histogram(quality.QualityModel.load(args.quality_model)) if args.quality_model else None
+    units = collections.Counter()
+
+    def quality_log(loc, lang, scores, keep):
+        if scores is None:
+            units[f"unscored ({lang}: no scorer)"] += 1
+            return
+        histogram.add(lang, scores)
+        units["scored"] += len(scores)
+        units["removed"] += int(len(keep) - keep.sum())
+        if scores_file is not None:
+            source = f"{files[loc[0]]}:{loc[1]}"
+            for k, (score, kept) in enumerate(zip(scores.tolist(), keep.tolist())):
+                scores_file.write(json.dumps({"source": source, "unit": k, "language": lang,
+                                              "score": round(score, 4), "kept": kept}, ensure_ascii=False) + "\n")
     try:
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=args.no_progress or None)
 
@@ -645,7 +722,8 @@ def run(args: argparse.Namespace) -> dict:
         spill_path = spill_dir / "spill.txt"
         with open(spill_path, "w+b") as spill:  # read back by the candidate check
             results = ordered_results(reader.chunks(), cfg, args.processes)
-            index_bytes = deduplicate(results, cfg, args, stats, spill, offsets, log, files, progress)
+            index_bytes = deduplicate(results, cfg, args, stats, spill, offsets, log, files, progress,
+                                      quality_log if args.quality_model else None)
         bar.close()
         dedup_seconds = time.perf_counter() - start
         shard_bytes = write_shards(spill_path, np.frombuffer(offsets, dtype=np.int64), args.num_shards, args.seed,
@@ -653,6 +731,8 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         if log is not None:
             log.close()
+        if scores_file is not None:
+            scores_file.close()
         for folder in {staging, spill_dir}:
             shutil.rmtree(folder, ignore_errors=True)
     seconds = time.perf_counter() - start
@@ -667,7 +747,15 @@ def run(args: argparse.Namespace) -> dict:
         "malformed_input": dict(report.counts), "malformed_locations": dict(report.locations),
         "shard_bytes": shard_bytes, "index_bytes": index_bytes, "lsh_backend": args.lsh_backend,
     }
+    if histogram is not None:
+        result["quality"] = {"model": args.quality_model, "kind": args.quality_kind, "level": args.quality_level,
+                             "thresholds": dict(args.quality_thresholds), "units": dict(units),
+                             "histogram": histogram.to_dict()}
     print(summary_table(stats))
+    if histogram is not None:
+        print(f"quality ({args.quality_kind}, {args.quality_level} level): " +
+              ", ".join(f"{k} {v:,}" for k, v in sorted(units.items())))
+        print(histogram.render(dict(args.quality_thresholds)))
     mb = reader.bytes_read / 1e6
     print(f"{len(files)} files, {mb:,.1f} MB in {seconds:,.1f} s ({mb / max(seconds, 1e-9):,.2f} MB/s) "
           f"with {args.processes} process(es)")
