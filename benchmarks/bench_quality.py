@@ -7,10 +7,11 @@ shipped classifier saw seed 0). Reported per model, language and corruption: ROC
 clean from corrupted (1.0: every clean unit scores above every corrupted one).
 
 Throughput: scoring MB/s of each model in one process, and prepare_data.py on --slice-mb of the corpus with
---processes 2, without a quality model and with each model (--quality-level paragraph), side by side.
+--processes 2, without a quality model (with the language-id model and with --language-id script) and with each
+model (--quality-level paragraph), side by side.
 
 Usage:
-    python benchmarks/bench_quality.py                       # the shipped models
+    python benchmarks/bench_quality.py                       # the shipped classifier
     python benchmarks/bench_quality.py --model my.npz --units 300 --slice-mb 5
 """
 from __future__ import annotations
@@ -63,14 +64,14 @@ def prepare(inputs: list[Path], out: Path, extra: list[str]) -> tuple[float, dic
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", help="model file or name (default: the shipped perplexity and "
-                                                    "classifier models)")
+    p.add_argument("--model", action="append", help="model file or name, repeatable (default: the shipped "
+                                                    "classifier, 'default')")
     p.add_argument("--units", type=int, default=500, help="held-out clean units per language (default 500)")
     p.add_argument("--slice-mb", type=float, default=5.0, help="corpus slice for prepare_data.py; 0 skips (default 5)")
     args = p.parse_args()
     if not CORPUS.exists():
         raise SystemExit(f"corpus not found at {CORPUS} (set BAICHUAN_SHARED_DATA or lay ../shared beside the repo)")
-    names = args.model or ["perplexity", "classifier"]
+    names = args.model or ["default"]
     clean = {lang: held_out_units(lang, args.units) for lang in ("zh", "en")}
     for name in names:
         model = quality.QualityModel.load(name)
@@ -100,10 +101,11 @@ def main() -> None:
                         if budget <= 1000:
                             break
             mb = slice_path.stat().st_size / 1e6
-            rows = [("no quality model", *prepare([slice_path], work / "out_none", []))]
-            for name in names:
-                rows.append((name, *prepare([slice_path], work / f"out_{name}",
-                                            ["--quality-model", name, "--quality-level", "paragraph"])))
+            rows = [("no quality model", *prepare([slice_path], work / "out_none", [])),
+                    ("(--language-id script)", *prepare([slice_path], work / "out_script", ["--language-id", "script"]))]
+            for k, name in enumerate(names):
+                rows.append((Path(name).name, *prepare([slice_path], work / f"out_{k}",
+                                                       ["--quality-model", name, "--quality-level", "paragraph"])))
             print(f"== prepare_data.py on {mb:.1f} MB, 2 processes: model | s | MB/s | x time | chars removed by "
                   "quality")
             base = rows[0][1]

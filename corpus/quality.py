@@ -29,9 +29,8 @@ import numpy as np
 FORMAT = "baichuan-quality-model/1"
 KINDS = ("perplexity", "classifier")
 SHIPPED = Path(__file__).resolve().parent / "models"
-# Names accepted by --quality-model besides a path: the models this repository ships (see docs/quality.md)
-NAMED = {"default": SHIPPED / "quality-classifier.npz", "classifier": SHIPPED / "quality-classifier.npz",
-         "perplexity": SHIPPED / "quality-perplexity.npz"}
+# Names accepted by --quality-model besides a path: the model this repository ships (see docs/quality.md)
+NAMED = {"default": SHIPPED / "quality-classifier.npz"}
 MIN_SCORE = -40.0  # score of a unit without a single token
 
 _TOKEN = re.compile(r"[a-z\u00c0-\u024f]+|\d+|\S")
@@ -97,8 +96,14 @@ def repeated_share(seq: np.ndarray, owner: np.ndarray, units: int) -> np.ndarray
 
 
 class NgramLM:
-    """score = mean log2 p per token - REPEAT_BITS * repeated_share: a unit that is one phrase over and over
-    loses up to REPEAT_BITS bits per token, about what shuffling its words costs it."""
+    """score = L + GAIN * (L - U) - REPEAT_BITS * repeated_share, with L the mean log2 probability per token
+    under the n-gram model and U under its unigram part alone.
+
+    L - U is what the context adds: shuffled words keep their unigram probabilities and lose the gain, while
+    the spread of L between genres (verse, law, encyclopedia) largely cancels in it. A unit that is one phrase
+    over and over loses up to REPEAT_BITS bits per token, about what shuffling its words costs it."""
+
+    GAIN = 2.0
 
     DISCOUNT = 0.75
     REPEAT_BITS = 10.0
@@ -145,6 +150,7 @@ class NgramLM:
         a, d = self.arrays, self.DISCOUNT
         unigram = a["unigram"].astype(np.float64)
         p = (unigram[seq[predicted].astype(np.int64)] + 0.5) / (unigram.sum() + 0.5 * len(unigram))
+        log_unigram = np.log2(p)
         for k in range(2, self.order + 1):
             keys = _keys(seq, k)[predicted]
             found, total = _lookup(a[f"ctx{k}"], a[f"ctx_total{k}"], keys >> np.uint64(KEY_BITS))
@@ -153,11 +159,13 @@ class NgramLM:
             total = np.maximum(total, 1).astype(np.float64)
             interpolated = (np.maximum(count - d, 0.0) + d * types * p) / total
             p = np.where(found, interpolated, p)
-        logp = np.log2(p) - self.UNSEEN_BITS_PER_CHAR * np.where(seq[predicted] == UNK, lengths, 0)
+        unseen = self.UNSEEN_BITS_PER_CHAR * np.where(seq[predicted] == UNK, lengths, 0)
         units_of = owner[predicted]
-        sums = np.bincount(units_of, weights=logp, minlength=len(units))
+        n = np.maximum(np.bincount(units_of, minlength=len(units)), 1)
+        mean = np.bincount(units_of, weights=np.log2(p) - unseen, minlength=len(units)) / n
+        gain = mean - np.bincount(units_of, weights=log_unigram - unseen, minlength=len(units)) / n
+        mean = mean + self.GAIN * gain - self.REPEAT_BITS * repeated_share(seq, owner, len(units))
         n = np.bincount(units_of, minlength=len(units))
-        mean = sums / np.maximum(n, 1) - self.REPEAT_BITS * repeated_share(seq, owner, len(units))
         return np.where(n > 0, mean, MIN_SCORE)
 
     def to_arrays(self) -> tuple[dict, dict[str, np.ndarray]]:
