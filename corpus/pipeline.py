@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common import HelpFormatter
 from corpus import dedup, langid, quality, text as textproc
 
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
@@ -223,7 +224,7 @@ class Worker:
         cfg = self.cfg
         out = {"norm_chars": [], "dropped": [], "texts": [], "spans": [], "indexed": [], "quality": [],
                "quality_chars": []}
-        sentence_texts = []
+        docs = []  # (lines, text, language) per document; text None when a filter dropped it
         for raw in texts:
             lines = textproc.normalize_lines(raw) if cfg.normalize else [s for s in raw.splitlines() if s.strip()]
             text = textproc.join_lines(lines)
@@ -232,27 +233,32 @@ class Worker:
             info = {}
             if reason is None and cfg.filters is not None:
                 reason = textproc.first_failed_filter(lines, text, cfg.filters, info)
-            scored = None
-            if reason is None and self.quality is not None:
-                lang = info.get("language") or langid.LanguageId().classify(text)[0]
-                kept, scores, keep = self.quality.apply(lines, lang, textproc.join_lines, textproc.sentence_spans)
-                scored = (lang, None if scores is None else scores.astype(np.float32), keep)
-                if kept is not None:
-                    min_chars = max(1, (cfg.filters.min_chars or 0) if cfg.filters else 1)
-                    reason = "quality" if len(kept) < min_chars else None
-                    if reason is None:
-                        out["quality_chars"].append(len(text) - len(kept))
-                        text = kept
-                    else:
-                        scored = (lang, scores.astype(np.float32), np.zeros_like(keep))
-                else:
-                    out["quality_chars"].append(0)
-            elif reason is None:
-                out["quality_chars"].append(0)
-            out["quality"].append(scored)
             out["dropped"].append(reason)
-            if reason is not None:
+            docs.append((lines, None if reason else text, info.get("language")))
+        # Quality: one scoring call per language for all units of the chunk (a call per document costs more in
+        # fixed overhead than the scoring itself).
+        scored = [None] * len(docs)
+        if self.quality is not None:
+            passing = [i for i, (_, text, _) in enumerate(docs) if text is not None]
+            langs = [docs[i][2] or langid.LanguageId().classify(docs[i][1])[0] for i in passing]
+            results = self.quality.apply_many([docs[i][0] for i in passing], langs, textproc.join_lines,
+                                              textproc.sentence_spans)
+            min_chars = max(1, (cfg.filters.min_chars or 0) if cfg.filters else 1)
+            for i, lang, (kept, scores, keep) in zip(passing, langs, results):
+                scored[i] = (lang, None if scores is None else scores.astype(np.float32), keep)
+                if kept is None:
+                    continue
+                if len(kept) < min_chars:
+                    out["dropped"][i] = "quality"
+                    scored[i] = (lang, scores.astype(np.float32), np.zeros_like(keep))
+                else:
+                    docs[i] = (docs[i][0], kept, lang)
+        sentence_texts = []
+        for i, (lines, text, _) in enumerate(docs):
+            out["quality"].append(scored[i])
+            if out["dropped"][i] is not None:
                 continue
+            out["quality_chars"].append(out["norm_chars"][i] - len(text))
             out["texts"].append(text)
             if cfg.sentence_dedup:
                 spans = textproc.sentence_spans(text)
@@ -522,7 +528,7 @@ def _int_or_off(value: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, epilog=MEMORY_NOTE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", help="input files or folders (.txt, .jsonl, optionally .gz)")
     p.add_argument("--output-dir", "-o", required=True, help="data_dir for train.py; receives part-NNNNN.txt only")
     shards = p.add_mutually_exclusive_group(required=True)

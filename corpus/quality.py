@@ -371,14 +371,29 @@ class QualityStep:
         self.model = QualityModel.load(model_name)
         self.level, self.thresholds = level, thresholds
 
-    def apply(self, lines: list[str], lang: str, join_lines, sentence_spans):
+    def apply_many(self, documents: list[list[str]], langs: list[str], join_lines, sentence_spans) -> list:
+        """apply() for many documents, with one scoring call per language."""
+        units = [split_units(lines, self.level, join_lines, sentence_spans) if lang in self.thresholds else []
+                 for lines, lang in zip(documents, langs)]
+        scores = [None] * len(documents)
+        for lang in set(langs) & set(self.thresholds):
+            mine = [i for i, other in enumerate(langs) if other == lang]
+            flat = self.model.score(lang, [u for i in mine for u in units[i]])
+            bounds = np.cumsum([0] + [len(units[i]) for i in mine])
+            for k, i in enumerate(mine):
+                scores[i] = flat[bounds[k]:bounds[k + 1]]
+        return [self.apply(lines, lang, join_lines, sentence_spans, s)
+                for lines, lang, s in zip(documents, langs, scores)]
+
+    def apply(self, lines: list[str], lang: str, join_lines, sentence_spans, scores=None):
         """(kept text, scores, kept mask), or (None, None, None) when the model has no scorer for `lang`."""
         if lang not in self.thresholds:
             return None, None, None
-        units = split_units(lines, self.level, join_lines, sentence_spans)
-        scores = self.model.score(lang, units)
+        if scores is None:
+            scores = self.model.score(lang, split_units(lines, self.level, join_lines, sentence_spans))
         keep = scores >= self.thresholds[lang]
         if self.level == "paragraph":
+            units = lines
             kept = join_lines([u for u, k in zip(units, keep) if k])
         else:  # sentence units keep their separating spaces when put back together
             text = join_lines(lines)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import HelpFormatter
 from corpus import quality, text as textproc
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--kind", choices=quality.KINDS, required=True, help="perplexity (n-gram LM) or classifier")
     p.add_argument("--reference", action="append", required=True, metavar="LANG=PATH",
                    help="good text of one language: a .txt file or a folder of them (repeat per language)")

@@ -54,6 +54,7 @@ def test_tiny_model_round_trip_and_separates_poor_text(tiny_models, kind):
     assert model.percentile("en", 0) <= model.percentile("en", 50) <= model.percentile("en", 100)
 
 
+@pytest.mark.real_data
 def test_shipped_model_separates_planted_poor_text_in_held_out_text():
     """>= 100 held-out units per language (never trained on), each corruption kind separately."""
     sources = {"zh": shared_path("corpus", "zh", "luxun_works.txt"),
