@@ -40,6 +40,8 @@ class LanguageId:
 
     def __init__(self, thresholds: dict[str, float] | None = None):
         self.model, self.group_of = _model()
+        self.groups = sorted(set(self.group_of))
+        self.group_index = np.array([self.groups.index(g) for g in self.group_of])
         self.thresholds = dict(thresholds or {})
         unknown = set(self.thresholds) - set(self.languages())
         if unknown:
@@ -51,11 +53,9 @@ class LanguageId:
 
     def classify(self, text: str) -> tuple[str, float]:
         sample = text.encode("utf-8")[:SAMPLE_BYTES].decode("utf-8", errors="ignore")
-        probs = {}
-        for group, prob in zip(self.group_of, self.model._decide(sample).tolist()):
-            probs[group] = probs.get(group, 0.0) + prob
-        lang = max(probs, key=probs.get)
-        return lang, probs[lang]
+        probs = np.bincount(self.group_index, weights=self.model._decide(sample), minlength=len(self.groups))
+        best = int(probs.argmax())
+        return self.groups[best], float(probs[best])
 
     def keeps(self, text: str) -> tuple[bool, str]:
         """(kept, language): kept when the language is wanted and confident enough."""
