@@ -101,12 +101,12 @@ class NgramLM:
 
     L - U is what the context adds: shuffled words keep their unigram probabilities and lose the gain, while
     the spread of L between genres (verse, law, encyclopedia) largely cancels in it. A unit that is one phrase
-    over and over loses up to REPEAT_BITS bits per token, about what shuffling its words costs it."""
-
-    GAIN = 2.0
+    over and over loses up to REPEAT_BITS bits per token: the gain term rewards a phrase that predicts its own
+    repetition, so this has to outweigh it. GAIN and REPEAT_BITS were set on benchmarks/bench_quality.py."""
 
     DISCOUNT = 0.75
-    REPEAT_BITS = 10.0
+    GAIN = 2.0
+    REPEAT_BITS = 20.0
     # An unseen token costs this many bits per character on top of p(<unk>): <unk> is one class for every
     # unseen token, so without it a run of byte soup looks like a run of rare names.
     UNSEEN_BITS_PER_CHAR = 1.5
@@ -144,7 +144,7 @@ class NgramLM:
         return model
 
     def score_many(self, units: list[str]) -> np.ndarray:
-        """Mean log2 probability per token of each unit."""
+        """Score of each unit (see the class docstring); MIN_SCORE for a unit without tokens."""
         seq, owner, lengths = _ids(self.vocab, units, self.order, with_lengths=True)
         predicted = owner >= 0
         a, d = self.arrays, self.DISCOUNT
@@ -161,12 +161,11 @@ class NgramLM:
             p = np.where(found, interpolated, p)
         unseen = self.UNSEEN_BITS_PER_CHAR * np.where(seq[predicted] == UNK, lengths, 0)
         units_of = owner[predicted]
-        n = np.maximum(np.bincount(units_of, minlength=len(units)), 1)
-        mean = np.bincount(units_of, weights=np.log2(p) - unseen, minlength=len(units)) / n
-        gain = mean - np.bincount(units_of, weights=log_unigram - unseen, minlength=len(units)) / n
-        mean = mean + self.GAIN * gain - self.REPEAT_BITS * repeated_share(seq, owner, len(units))
         n = np.bincount(units_of, minlength=len(units))
-        return np.where(n > 0, mean, MIN_SCORE)
+        mean = np.bincount(units_of, weights=np.log2(p) - unseen, minlength=len(units)) / np.maximum(n, 1)
+        gain = mean - np.bincount(units_of, weights=log_unigram - unseen, minlength=len(units)) / np.maximum(n, 1)
+        score = mean + self.GAIN * gain - self.REPEAT_BITS * repeated_share(seq, owner, len(units))
+        return np.where(n > 0, score, MIN_SCORE)
 
     def to_arrays(self) -> tuple[dict, dict[str, np.ndarray]]:
         vocab = np.frombuffer("\n".join(self.vocab_list).encode("utf-8"), dtype=np.uint8)
