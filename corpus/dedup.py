@@ -13,14 +13,16 @@ Two LSH backends answer the same questions ("which kept documents share a band w
 Both backends return identical candidates except when two different bands collide in 64 bits
 (probability ~ n^2 / 2^65 for n stored bands), so tests can compare them one to one.
 
-A band match is only a candidate. For documents, prepare_data.py checks each candidate against the threshold with
+A band match is only a candidate. prepare_data.py checks each candidate against the threshold with
 the exact Jaccard similarity of the two shingle sets (`jaccard`, on the kept document's text read back from the
 spill file) before it removes anything, and a document whose candidates all fail is kept and indexed beside them
 (a key may then have several owners). Because the check removes the false positives, the document banding is
-chosen for recall (`recall_params`) instead of datasketch's balance of false positives and false negatives.
+chosen for recall (`recall_params`) instead of datasketch's balance of false positives and false negatives. Sentence candidates are
+checked the same way against texts kept in a scratch file (`SentenceStore`).
 """
 from __future__ import annotations
 
+import array
 import itertools
 import math
 import os
@@ -180,6 +182,37 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return common / union if union else 1.0
 
 
+class SentenceStore:
+    """Texts of indexed sentences by id, in a scratch file (8 bytes of memory per sentence), for the check."""
+
+    def __init__(self, path):
+        self.file = open(path, "w+b")
+        self.offsets = array.array("q", [0])
+
+    def add(self, text: str) -> int:
+        self.file.write(text.encode("utf-8"))
+        self.offsets.append(self.file.tell())
+        return len(self.offsets) - 2
+
+    def text_of(self, sentence_id: int) -> str:
+        self.file.flush()
+        start, end = self.offsets[sentence_id], self.offsets[sentence_id + 1]
+        return os.pread(self.file.fileno(), end - start, start).decode("utf-8")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def confirm(signer, threshold: float, text: str, owners, text_of) -> tuple[int | None, int]:
+    """(first owner, lowest id first, whose exact Jaccard with `text` reaches the threshold or None, owners
+    rejected before it)."""
+    mine = shingle_set(signer, text)
+    for rejected, owner in enumerate(sorted(owners)):
+        if jaccard(mine, shingle_set(signer, text_of(owner))) >= threshold:
+            return owner, rejected
+    return None, len(owners)
+
+
 class CandidateCheck:
     """Confirms document LSH candidates by the exact Jaccard of the shingle sets before anything is removed.
 
@@ -212,13 +245,10 @@ class CandidateCheck:
 
     def confirm(self, text: str, owners) -> int | None:
         """The first kept owner (lowest ordinal) whose Jaccard with `text` reaches the threshold, or None."""
-        mine = shingle_set(self.signer, text)
-        for owner in sorted(owners):
-            self.checked += 1
-            if jaccard(mine, shingle_set(self.signer, self.text_of(owner))) >= self.threshold:
-                return owner
-            self.rejected += 1
-        return None
+        owner, rejected = confirm(self.signer, self.threshold, text, owners, self.text_of)
+        self.checked += rejected + (owner is not None)
+        self.rejected += rejected
+        return owner
 
     def close(self) -> None:
         self.scratch.close()

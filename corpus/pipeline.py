@@ -55,14 +55,16 @@ MEMORY_NOTE = """\
 memory: document texts stream through: the reader keeps at most 2 chunks per process in flight
 (a chunk is ~1 M characters) and kept documents are spilled to a temporary file, so memory does not grow
 with the characters of the corpus. What stays resident grows per kept document (compact backend,
---num-perm 128, thresholds 0.8 -> 18 bands of 6 rows for documents, 9 of 13 for sentences): 12 B for exact
+--num-perm 128, thresholds 0.8 -> 18 bands of 6 rows, the banding for checked candidates): 12 B for exact
 de-duplication, 216 B for the document LSH (+ ~100 B per document shortened by the sentence step, whose
-signed text the candidate check keeps in a scratch file), 108 B per new (not near-duplicate) sentence of >= --sentence-min-chars for the sentence
-LSH, 8 B for the spill offset (+8 B with --log-removed) and, in the final pass, ~50 B for the shuffle
-plan: ~290 B per kept document plus ~108 B per indexed sentence, e.g. ~1.6 GB for 2 M documents of 5
-indexed sentences, on top of ~0.3 GB fixed (interpreter, libraries, the last 512 K keys of each index
-kept in a dict before they are merged into sorted arrays). The datasketch backend (MinHashLSH) needs
-~3.6 KB per document and per sentence instead. Temporary files need about the size of the output."""
+signed text the candidate check keeps in a scratch file), 224 B per new (not near-duplicate) sentence of
+>= --sentence-min-chars for the sentence LSH and the offset of its text in a scratch file, 8 B for the spill
+offset (+8 B with --log-removed) and, in the final pass, ~50 B for the shuffle plan: ~290 B per kept
+document plus ~224 B per indexed sentence, e.g. ~2.8 GB for 2 M documents of 5 indexed sentences, on top of
+~0.3 GB fixed (interpreter, libraries, the last 512 K keys of each index kept in a dict before they are
+merged into sorted arrays). --no-candidate-check halves the LSH part (9 bands of 13 rows). The datasketch
+backend (MinHashLSH) needs ~3.6 KB per document and per sentence instead. Temporary files need up to about
+twice the size of the output."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +316,7 @@ class Stats:
         self.docs_in = self.chars_in = self.docs_out = self.chars_out = 0
         self.sentences_indexed = self.sentences_removed = 0
         self.candidates_checked = self.candidates_rejected = 0
+        self.sentence_candidates_checked = self.sentence_candidates_rejected = 0
 
     def remove(self, step: str, docs: int, chars: int) -> None:
         self.removed_docs[step] += docs
@@ -331,7 +334,12 @@ def deduplicate(results, cfg: WorkerConfig, args, stats: Stats, spill, offsets: 
                                      offsets, Path(spill.name).with_name("signed_texts.txt"))
     doc_params = dedup.recall_params(args.threshold, cfg.num_perm) if check else None
     doc_lsh = Backend(args.threshold, cfg.num_perm, cfg.seed, doc_params) if cfg.doc_dedup else None
-    sent_lsh = Backend(args.sentence_threshold, cfg.num_perm, cfg.seed) if cfg.sentence_dedup else None
+    sentences = None  # indexed sentence texts, for the check of sentence candidates
+    if cfg.sentence_dedup and not args.no_candidate_check:
+        sentences = dedup.SentenceStore(Path(spill.name).with_name("sentences.txt"))
+        signer = check.signer if check else textproc.Signer(cfg.num_perm, cfg.seed, cfg.shingle)
+    sent_params = dedup.recall_params(args.sentence_threshold, cfg.num_perm) if sentences else None
+    sent_lsh = Backend(args.sentence_threshold, cfg.num_perm, cfg.seed, sent_params) if cfg.sentence_dedup else None
     min_chars = max(1, cfg.filters.min_chars or 0) if cfg.filters else 1
     kept_where = array.array("Q")  # (file, line) of each kept document, packed; only to name duplicates in the log
 
@@ -385,10 +393,22 @@ def deduplicate(results, cfg: WorkerConfig, args, stats: Stats, spill, offsets: 
             final, fresh_rows = text, rows
             if sent_lsh and rows:
                 stats.sentences_indexed += len(rows)
-                dup = {k for k, row in zip(res["indexed"][j], rows) if sent_lsh.query(sent_batch, row)}
-                fresh_rows = [row for k, row in zip(res["indexed"][j], rows) if k not in dup]
+                dup, fresh_rows, spans = set(), [], res["spans"][j]
+                for k, row in zip(res["indexed"][j], rows):
+                    similar = sent_lsh.query(sent_batch, row)
+                    confirmed = bool(similar)
+                    if similar and sentences:
+                        sentence = text[spans[k][0]:spans[k][1]].strip()
+                        match, rejected = dedup.confirm(signer, args.sentence_threshold, sentence, similar,
+                                                        sentences.text_of)
+                        confirmed = match is not None
+                        stats.sentence_candidates_checked += rejected + confirmed
+                        stats.sentence_candidates_rejected += rejected
+                    if confirmed:
+                        dup.add(k)
+                    else:
+                        fresh_rows.append((row, k, bool(similar)))
                 if dup:
-                    spans = res["spans"][j]
                     final = "".join(text[s:e] for k, (s, e) in enumerate(spans) if k not in dup).strip()
                     stats.sentences_removed += len(dup)
                     if len(final) < min_chars:
@@ -406,8 +426,12 @@ def deduplicate(results, cfg: WorkerConfig, args, stats: Stats, spill, offsets: 
                 doc_lsh.insert(doc_batch, j, ordinal, fresh=not candidates)
             if check:
                 check.kept(ordinal, text, final)
-            for row in fresh_rows:
-                sent_lsh.insert(sent_batch, row, ordinal)
+            for row, k, had_candidates in fresh_rows:
+                if sentences:  # owners are sentence ids, whose texts the check reads back
+                    s, e = res["spans"][j][k]
+                    sent_lsh.insert(sent_batch, row, sentences.add(text[s:e].strip()), fresh=not had_candidates)
+                else:
+                    sent_lsh.insert(sent_batch, row, ordinal)
             if log is not None:
                 kept_where.append((locations[i][0] << 32) | locations[i][1])
             data = final.encode("utf-8") + b"\n"
@@ -424,6 +448,8 @@ def deduplicate(results, cfg: WorkerConfig, args, stats: Stats, spill, offsets: 
     if check:
         stats.candidates_checked, stats.candidates_rejected = check.checked, check.rejected
         check.close()
+    if sentences:
+        sentences.close()
     return {name: idx.nbytes() for name, idx in (("exact", exact), ("document_lsh", doc_lsh),
                                                  ("sentence_lsh", sent_lsh)) if idx is not None}
 
@@ -512,6 +538,9 @@ def summary_table(stats: Stats) -> str:
     if stats.candidates_checked:
         lines.append(f"document LSH candidates checked {stats.candidates_checked:,}, rejected (Jaccard below "
                      f"--threshold, kept) {stats.candidates_rejected:,}")
+    if stats.sentence_candidates_checked:
+        lines.append(f"sentence LSH candidates checked {stats.sentence_candidates_checked:,}, rejected (Jaccard "
+                     f"below --sentence-threshold, kept) {stats.sentence_candidates_rejected:,}")
     return "\n".join(lines)
 
 
@@ -600,9 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shingle", type=int, default=5,
                    help="character shingle size for MinHash, on lower-cased text (default 5)")
     g.add_argument("--no-candidate-check", action="store_true",
-                   help="remove every document LSH candidate unchecked, with datasketch's banding (9 bands of 13 "
-                        "rows at 0.8), as before; by default each candidate is confirmed by the exact Jaccard of "
-                        "the shingle sets and the banding is chosen for recall (18 of 6 at 0.8)")
+                   help="remove every document and sentence LSH candidate unchecked, with datasketch's banding "
+                        "(9 bands of 13 rows at 0.8), as before; by default each candidate is confirmed by the "
+                        "exact Jaccard of the shingle sets and the banding is chosen for recall (18 of 6 at 0.8)")
     g.add_argument("--lsh-backend", choices=sorted(dedup.BACKENDS), default="compact",
                    help="compact: datasketch's banding stored in numpy (~110 B per signature); datasketch: "
                         "datasketch.MinHashLSH itself (~3.6 KB per signature). Same results.")
@@ -644,8 +673,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("threshold", "sentence_threshold"):
         try:
             dedup.lsh_params(getattr(args, flag), args.num_perm)
-            if flag == "threshold" and not args.no_candidate_check:
-                dedup.recall_params(args.threshold, args.num_perm)
+            if not args.no_candidate_check:
+                dedup.recall_params(getattr(args, flag), args.num_perm)
         except ValueError as err:  # datasketch finds no banding with >= 2 bands, e.g. 0.99 at 128 permutations
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} with --num-perm {args.num_perm}: {err}")
     languages = None if args.languages == "any" else tuple(x.strip() for x in args.languages.split(",") if x.strip())
@@ -750,6 +779,8 @@ def run(args: argparse.Namespace) -> dict:
         "removed_documents": dict(stats.removed_docs), "removed_characters": dict(stats.removed_chars),
         "sentences_indexed": stats.sentences_indexed, "sentences_removed": stats.sentences_removed,
         "candidates_checked": stats.candidates_checked, "candidates_rejected": stats.candidates_rejected,
+        "sentence_candidates_checked": stats.sentence_candidates_checked,
+        "sentence_candidates_rejected": stats.sentence_candidates_rejected,
         "malformed_input": dict(report.counts), "malformed_locations": dict(report.locations),
         "shard_bytes": shard_bytes, "index_bytes": index_bytes, "lsh_backend": args.lsh_backend,
     }

@@ -7,7 +7,7 @@ import numpy as np
 
 import corpus.pipeline as prepare_data
 from corpus import dedup, text as textproc
-from test_prepare_data import edit, english
+from test_prepare_data import WORDS, edit, english
 
 
 def test_key_table_keeps_every_owner_of_a_shared_key():
@@ -71,3 +71,28 @@ def test_only_documents_at_the_threshold_are_removed(tmp_path):
     _, unchecked = _run(tmp_path, "unchecked", docs, "--no-candidate-check")
     assert not set(range(40, 80)) <= set(unchecked)
     assert any(best_jaccard_with_kept(i, unchecked) < 0.45 for i in unchecked)
+
+
+def test_sentence_candidates_are_checked_too(tmp_path):
+    rng = random.Random(11)
+    signer = textproc.Signer(128, 0, 5)
+    bases = [" ".join(rng.choice(WORDS) for _ in range(30)).capitalize() + "." for _ in range(12)]
+    variants = [(b, edit(b, rng, 4), edit(b, rng, 24)) for b in bases]  # the base, a near copy, a far one
+    docs = []
+    for base, close, far in variants:
+        docs += [f"{english(rng, 20)} {base} {english(rng, 20)}", f"{english(rng, 20)} {close} {english(rng, 20)}",
+                 f"{english(rng, 20)} {far} {english(rng, 20)}"]
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(docs) + "\n", encoding="utf-8")
+    argv = [str(src), "-o", str(tmp_path / "out"), "--num-shards", "1", "--no-progress", "--processes", "1",
+            "--no-shuffle", "--no-doc-dedup", "--sentence-threshold", "0.5", "--sentence-min-chars", "20"]
+    result = prepare_data.run(prepare_data.parse_args(argv))
+    out = (tmp_path / "out" / "part-00000.txt").read_text(encoding="utf-8")
+    assert result["sentence_candidates_rejected"] >= 1
+    base_set = lambda b: dedup.shingle_set(signer, b)
+    for base, close, far in variants:
+        assert base in out
+        if dedup.jaccard(base_set(base), base_set(close)) >= 0.5:
+            assert close not in out
+        if dedup.jaccard(base_set(base), base_set(far)) < 0.5:
+            assert far in out
