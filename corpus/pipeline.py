@@ -9,13 +9,16 @@ Steps, in order, each switchable and each reported with the documents and charac
   1. normalization: Unicode NFKC, control and zero-width characters removed, whitespace runs collapsed;
      line breaks inside a document become one space (nothing between two CJK characters), so every
      document is one output line;
-  2. heuristic filters: length, language (zh/en), share of symbols, share of digits, repeated lines,
-     repeated n-grams (thresholds below, all options);
+  2. heuristic filters: length, language (py3langid's model, per-language thresholds), share of symbols,
+     share of digits, repeated lines, repeated n-grams (thresholds below, all options); then, with
+     --quality-model, documents, paragraphs or sentences scoring below the threshold are dropped
+     (docs/quality.md);
   3. exact de-duplication (64-bit digest of the normalized text);
   4. document-level near-duplicate removal: MinHash over character shingles + LSH, each LSH candidate
      confirmed by the exact Jaccard of the two shingle sets before the document is removed;
   5. sentence-level near-duplicate removal: sentences (zh 。！？； / en .!? followed by a space) that
-     near-duplicate a sentence of an earlier kept document are dropped (boilerplate), and documents
+     near-duplicate a sentence of an earlier kept document are dropped (boilerplate; candidates checked
+     likewise), and documents
      left shorter than --min-chars are dropped;
   6. deterministic shuffle (seeded) and an even split by bytes into N shards, written atomically.
 The first occurrence always wins, in input order, so the output does not depend on --processes.
