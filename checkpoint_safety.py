@@ -37,6 +37,13 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint file that names code to run, or that is damaged: it is not loaded."""
 
 
+class CheckpointWriteError(OSError):
+    """A failed checkpoint write; its message already names the errno."""
+
+    def __str__(self):
+        return self.strerror
+
+
 # Tests replace this to simulate a failing disk: called with the path before each checkpoint file is written.
 io_fault_hook: Optional[Callable[[Path], None]] = None
 
@@ -64,8 +71,9 @@ def safe_load(path, what: str = "checkpoint file"):
 
 
 def file_sizes(tag_dir: Path) -> dict:
-    """{file name: bytes} of the tag's files (recorded in the seal)."""
-    return {p.name: p.stat().st_size for p in sorted(Path(tag_dir).iterdir()) if p.is_file()}
+    """{file name: bytes} of the tag's files (recorded in the seal, which is not one of them)."""
+    return {p.name: p.stat().st_size for p in sorted(Path(tag_dir).iterdir())
+            if p.is_file() and p.name != "complete.json" and not p.name.startswith(".")}
 
 
 def verify_tag_files(tag_dir: Path, recorded_sizes: Optional[dict]) -> None:
@@ -131,7 +139,7 @@ class SaveGuard:
     def __init__(self, engine):
         self.checkpoint_engine = engine.checkpoint_engine
         self._save = self.checkpoint_engine.save
-        self.error: Optional[OSError] = None
+        self.error: Optional[CheckpointWriteError] = None
         self.valid = ""
 
     def __enter__(self):
@@ -157,7 +165,7 @@ class SaveGuard:
         except (OSError, RuntimeError) as e:
             cause = e if isinstance(e, OSError) else (_os_error_of(e) or e)
             message = describe_write_error(path, cause, _tensor_bytes(state_dict), self.valid)
-            self.error = OSError(getattr(cause, "errno", None) or errno.EIO, message)
+            self.error = CheckpointWriteError(getattr(cause, "errno", None) or errno.EIO, message)
             path.unlink(missing_ok=True)  # half a file only takes space; the tag stays unsealed either way
 
 

@@ -22,7 +22,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from checkpoint_safety import SaveGuard, file_sizes, safe_load, verify_tag_files
+from checkpoint_safety import CheckpointWriteError, SaveGuard, file_sizes, safe_load, verify_tag_files
 from common import all_ranks_ok, read_json, write_atomic  # noqa: F401 - re-exported for callers of this module
 
 COMPLETE_MARKER = "complete.json"
@@ -104,7 +104,7 @@ def save_checkpoint(engine, save_dir: Path, tag: str, client_state: dict, seal_i
             save_dir.mkdir(parents=True, exist_ok=True)
             unseal(save_dir, tag)
         except OSError as e:
-            error = OSError(e.errno, f"preparing {tag_dir} failed: {e}. {last_valid(save_dir)}")
+            error = CheckpointWriteError(e.errno, f"preparing {tag_dir} failed: {e}. {last_valid(save_dir)}")
     all_ranks_ok(error, f"saving checkpoint {tag}")
     with SaveGuard(engine) as guard:
         guard.valid = last_valid(save_dir)
@@ -118,7 +118,7 @@ def save_checkpoint(engine, save_dir: Path, tag: str, client_state: dict, seal_i
                 write_atomic(tag_dir / name, Path(source).read_bytes())
             mark_complete(save_dir, tag, dict(seal_info, time=time.time()))
         except OSError as e:
-            error = OSError(e.errno, f"sealing {tag_dir} failed: [Errno {e.errno}] {e.strerror or e} "
+            error = CheckpointWriteError(e.errno, f"sealing {tag_dir} failed: [Errno {e.errno}] {e.strerror or e} "
                                      f"({getattr(e, 'filename', None) or tag_dir}). {last_valid(save_dir)}")
     all_ranks_ok(error, f"sealing checkpoint {tag}")
 

@@ -111,8 +111,10 @@ def all_ranks_ok(error: Optional[BaseException], where: str) -> None:
         return
     messages = [None] * dist.get_world_size()
     dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+    failed = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
+    if error is None:
+        print(f"rank {dist.get_rank()}: {where} failed on another rank: {failed}", file=sys.stderr, flush=True)
+    dist.barrier()  # the failing rank exits (and its launcher kills the rest) only after every log says why
     if error is not None:
         raise error
-    failed = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
-    print(f"rank {dist.get_rank()}: {where} failed on another rank: {failed}", file=sys.stderr, flush=True)
     raise RuntimeError(f"{where} failed on {flag.item()} other rank(s): {failed}")
