@@ -10,7 +10,8 @@ The folder holds safetensors weights (one file, or shards of at most --max_shard
 
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
-loads it anywhere, without this repository (inside it, the scripts load it without running its code); ``evaluation/evaluate_zh.py``, ``evaluation/evaluate_mmlu.py``,
+loads it anywhere, without this repository (inside it, the scripts load it without running its code);
+``evaluation/evaluate_zh.py``, ``evaluation/evaluate_mmlu.py``,
 ``scripts/generate.py`` and ``train.py --init_from`` all take it. ``export_info.json`` records where it came from.
 
 How: DeepSpeed's own ``zero_to_fp32`` rebuilds the fp32 master weights from every rank's optimizer partition

@@ -4,7 +4,7 @@ A DeepSpeed checkpoint is a set of pickles (``*.pt``). DeepSpeed 0.19.8 loads th
 weights_only=False)`` (its checkpoint engine, ZeRO-3 optimizer loading, universal loading, ``zero_to_fp32`` and
 ``ds_to_universal``), which runs whatever code a crafted file names. So before DeepSpeed reads a tag, every
 ``*.pt`` in it is read once here with ``weights_only=True`` and the short allow-list of DeepSpeed classes its
-checkpoints hold (``SAFE_GLOBALS``); a file that names anything else is refused, as is one whose size differs
+checkpoints hold (``safe_globals()``); a file that names anything else is refused, as is one whose size differs
 from the size recorded when the tag was sealed (a truncated or replaced file). The files are memory-mapped, so
 this reads the pickles' small headers, not the tensors.
 
@@ -25,7 +25,7 @@ import torch
 # Classes DeepSpeed's checkpoints hold besides tensors and builtins (found by loading ZeRO-1/2/3, fp32/bf16
 # checkpoints of train.py with weights_only=True): the fp32/ZeRO-2 optimizer state keeps the loss scaler, the
 # ZeRO stage enum and the partition map's fragment addresses.
-def _safe_globals():
+def safe_globals():
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -54,7 +54,7 @@ def safe_load(path, what: str = "checkpoint file"):
     Raises UnsafeCheckpointError naming the file for a pickle that names other code or a damaged file."""
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(safe_globals()):
             try:
                 return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             except RuntimeError as e:
