@@ -171,7 +171,7 @@ def convert(checkpoint_dir, output_dir, tag: Optional[str] = None, dtype: str = 
         given = BaiChuanConfig.from_name(model_config)
         if fields is not None:
             theirs = model_fields(BaiChuanConfig.from_dict(dict(fields)))
-            diffs = [f"{k}: checkpoint {v!r}, --model_config {theirs[k]!r}"
+            diffs = [f"{k}: checkpoint {theirs.get(k)!r}, --model_config {v!r}"
                      for k, v in model_fields(given).items() if theirs.get(k) != v]
             if diffs:
                 raise ValueError(f"{tag_dir} records its model config; --model_config {model_config} differs: "
