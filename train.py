@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from checkpointing import (check_folder_config, load_folder_weights, open_tag, point_latest, resolve_resume_tag,
                            save_checkpoint)
-from common import all_ranks_ok, read_json, write_atomic
+from common import HelpFormatter, all_ranks_ok, read_json, run_cli, write_atomic
 from data_utils import DataEngine
 from models.configuration_baichuan import BaiChuanConfig
 from models.flops import flops_per_token, peak_tflops_for
@@ -31,13 +31,13 @@ from resume_rules import check_allowed_names, compare_settings, run_settings, st
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_dir", default="data_dir", help="folder of UTF-8 text shards, one document per line; "
                    "at least as many files as ranks")
     p.add_argument("--tokenizer_path", default="tokenizer.model", help="SentencePiece model file")
     p.add_argument("--max_length", type=int, default=4096, help="tokens per training sequence (context length)")
-    p.add_argument("--steps_per_epoch", type=int, default=2000,
-                   help="checkpoint interval in optimizer steps (the reference's name for it)")
+    p.add_argument("--save_every", "--steps_per_epoch", dest="save_every", type=int, default=2000,
+                   help="checkpoint interval in optimizer steps (--steps_per_epoch is the reference's name for it)")
     p.add_argument("--checkpoint_saving_path", default="checkpoints",
                    help="folder for checkpoints, metrics.jsonl and the resolved run config")
     p.add_argument("--model_config", default="7b", help="preset name (see config/model/) or a config.json path")
@@ -73,7 +73,7 @@ def parse_args():
     args = p.parse_args()
     if args.deepspeed_config is None:
         p.error("--deepspeed_config is required (see config/deepspeed.json)")
-    for flag in ("max_length", "steps_per_epoch", "max_steps", "checkpoint_every"):
+    for flag in ("max_length", "save_every", "max_steps", "checkpoint_every"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
     try:
@@ -135,6 +135,9 @@ def main():
     if args.attention_backend:
         overrides["attention_backend"] = args.attention_backend
     config = BaiChuanConfig.from_name(args.model_config, **overrides)
+    if args.max_length > config.max_position_embeddings:
+        raise ValueError(f"--max_length {args.max_length} is longer than the model's max_position_embeddings "
+                         f"{config.max_position_embeddings} (--model_config {args.model_config})")
     if config.vocab_size < data.vocab_size:
         raise ValueError(f"tokenizer {args.tokenizer_path} has {data.vocab_size} pieces but the model's "
                          f"vocab_size is {config.vocab_size}")
@@ -246,9 +249,9 @@ def main():
             window_loss.zero_()
             window_steps, t0 = 0, time.perf_counter()
 
-        if step % args.steps_per_epoch == 0 or step == args.max_steps:
+        if step % args.save_every == 0 or step == args.max_steps:
             save(step)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

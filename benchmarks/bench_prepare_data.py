@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from common import REPO_ROOT as ROOT, shared_data_dir
+from common import REPO_ROOT as ROOT, HelpFormatter, shared_data_dir
 from corpus import text as prep_text
 
 CORPUS = shared_data_dir() / "corpus"
@@ -209,7 +209,7 @@ def planted_recall(work: Path, manifest: dict, log: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--size-mb", type=float, default=200.0, help="corpus size (default 200)")
     p.add_argument("--baseline-mb", type=float, default=50.0,
                    help="slice on which both LSH backends run side by side; 0 skips the baseline (default 50)")

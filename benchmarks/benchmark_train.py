@@ -41,14 +41,14 @@ from pathlib import Path
 
 import torch
 
-from common import free_port, peak_rss_bytes, rss_bytes
+from common import HelpFormatter, free_port, peak_rss_bytes, rss_bytes
 
 GIB = 2 ** 30
 MODELS = ("ours", "ours_compiled", "llama", "llama_compiled")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     shape = p.add_argument_group("model shape (a preset, then any size overridden)")
     shape.add_argument("--preset", default="tiny", help="preset name in config/model/ (tiny, 7b) or a config.json path")
     shape.add_argument("--hidden_size", type=int, help="override the preset's hidden size")

@@ -44,6 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from corpus import dedup, text as textproc
+from common import HelpFormatter
 
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 SHARD_NAME = "part-{:05d}.txt"
@@ -476,7 +477,7 @@ def _int_or_off(value: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, epilog=MEMORY_NOTE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", help="input files or folders (.txt, .jsonl, optionally .gz)")
     p.add_argument("--output-dir", "-o", required=True, help="data_dir for train.py; receives part-NNNNN.txt only")
     shards = p.add_mutually_exclusive_group(required=True)

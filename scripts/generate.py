@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-from common import pick_device_and_dtype
+from common import HelpFormatter, pick_device_and_dtype, run_cli
 from evaluation.engine import add_trust_remote_code_arg, refuse_remote_code
 
 REFERENCE_PROMPT = "登鹳雀楼->王之涣\n夜雨寄北->"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face model folder")
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt (repeatable); default: the reference README's prompt when no --prompt_file")
@@ -181,4 +181,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, free_port, shared_path
+from conftest import FIXTURES, ROOT, free_port
 
 import checkpoint_export as convert_checkpoint
 from checkpointing import check_folder_config, load_folder_weights, resolve_checkpoint_tag
@@ -466,10 +466,11 @@ def test_generate_sampling_is_seeded_and_bad_input_is_clear(exported, workdir):
 def test_evaluation_scripts_take_the_exported_folder(exported, workdir, capsys):
     from evaluation import evaluate_mmlu, evaluate_zh
     folder = str(exported[3])
-    mmlu = evaluate_mmlu.main(["-m", folder, "-d", str(shared_path("mmlu")), "-s", str(workdir / "mmlu"),
+    data = FIXTURES / "benchmarks"
+    mmlu = evaluate_mmlu.main(["-m", folder, "-d", str(data / "mmlu"), "-s", str(workdir / "mmlu"),
                                "--subjects", "abstract_algebra", "--max_questions", "3", "--device_map", "cpu"])
     assert mmlu["questions"] == 3 and mmlu["config"]["dtype"] == "torch.float32"
-    ceval = evaluate_zh.main(["--model_name_or_path", folder, "--data_dir", str(shared_path("ceval")),
+    ceval = evaluate_zh.main(["--model_name_or_path", folder, "--data_dir", str(data / "ceval"),
                               "--output_dir", str(workdir / "ceval"), "--subjects", "law", "--max_questions", "3",
                               "--device_map", "cpu"])
     assert ceval["questions"] == {"law": 3}
