@@ -45,7 +45,7 @@ def launch(script: Path, save: Path, workdir: Path, *extra, env=None):
            "--data_dir", str(ROOT / "data_dir"), "--tokenizer_path", str(TOKENIZER), "--max_length", "64",
            "--checkpoint_saving_path", str(save), "--cache_dir", str(workdir / "token-cache"), "--num_workers", "1",
            *map(str, extra)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=480,
                           env=dict(os.environ, **(env or {})))
 
 
