@@ -19,9 +19,9 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from checkpointing import (check_folder_config, load_folder_weights, mark_complete, read_json, resolve_resume_tag,
-                           write_atomic)
-from data_utils import DataEngine
+from checkpointing import (check_folder_config, load_folder_weights, mark_complete, prepare_resume, read_json,
+                           resolve_resume_tag, universal_client_state, write_atomic)
+from data import DATA_ORDERS, make_engine, split_global_batch
 from models.configuration_baichuan import BaiChuanConfig
 from models.flops import flops_per_token, peak_tflops_for
 from models.kernels import compile_decoder_layers
@@ -60,6 +60,15 @@ def parse_args():
                    help="device peak TFLOPS for MFU (default: known for A100/A800/H100/H200, else MFU is null)")
     p.add_argument("--num_workers", type=int, default=None, help="tokenizer processes per rank")
     p.add_argument("--cache_dir", default=None, help="tokenized-shard cache (default <data_dir>/.cache)")
+    p.add_argument("--data_order", default="global", choices=DATA_ORDERS,
+                   help="global: batches fixed by data, seed, mixture and global batch, on any number of ranks "
+                        "(resumable on another world size); per_rank: the reference's file-per-rank order")
+    p.add_argument("--data_mix", default=None, help="JSON file of weighted sources under --data_dir (see "
+                   "docs/data.md); default: all files as one source")
+    p.add_argument("--allow_data_change", action="store_true", help="on resume, continue from the saved global "
+                   "sample count even if the mixture, seed, sequence length, global batch or files changed")
+    p.add_argument("--max_bad_line_fraction", type=float, default=0.5, help="refuse a data file with NUL bytes or "
+                   "more undecodable lines than this share (1 = tokenize anything)")
     p.add_argument("--dist_timeout_minutes", type=int, default=30,
                    help="a collective that waits longer than this fails instead of hanging")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
@@ -118,13 +127,23 @@ def main():
     micro_bs = ds_config.get("train_micro_batch_size_per_gpu", 1)
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     save_dir = Path(args.checkpoint_saving_path)
+    resume_tag = resolve_resume_tag(save_dir, args.resume)
 
     # ---- data ------------------------------------------------------------------------------------------
     error = None
     try:
-        data = DataEngine(args.data_dir, args.tokenizer_path, micro_bs, args.max_length, world_size=world,
-                          rank=rank, seed=args.seed, cache_dir=args.cache_dir, num_workers=args.num_workers,
-                          device=device)
+        # The global batch is the run's: from the config, else the checkpoint's, so a resume on another world
+        # size keeps it and changes only the accumulation.
+        saved = read_json(save_dir / resume_tag / "complete.json", "checkpoint") if resume_tag else {}
+        global_bs = ds_config.get("train_batch_size") or saved.get("global_batch_size") or \
+            micro_bs * ds_config.get("gradient_accumulation_steps", 1) * world
+        ds_config.update(train_batch_size=global_bs,
+                         gradient_accumulation_steps=split_global_batch(global_bs, micro_bs, world))
+        data = make_engine(args.data_order, data_dir=args.data_dir, tokenizer_path=args.tokenizer_path,
+                           micro_batch_size=micro_bs, max_length=args.max_length, global_batch_size=global_bs,
+                           num_batches=args.max_steps, world_size=world, rank=rank, seed=args.seed,
+                           cache_dir=args.cache_dir, num_workers=args.num_workers, device=device,
+                           data_mix=args.data_mix, max_bad_line_fraction=args.max_bad_line_fraction)
     except (OSError, ValueError) as e:
         error = e
     all_ranks_ok(error, "opening the data")
@@ -138,7 +157,6 @@ def main():
     if config.vocab_size < data.vocab_size:
         raise ValueError(f"tokenizer {args.tokenizer_path} has {data.vocab_size} pieces but the model's "
                          f"vocab_size is {config.vocab_size}")
-    resume_tag = resolve_resume_tag(save_dir, args.resume)
     if args.init_from and not resume_tag:
         check_folder_config(Path(args.init_from), config)
     if zero3:
@@ -157,6 +175,8 @@ def main():
             raise ValueError("--torch_compile is supported with ZeRO stages 0-2, not with ZeRO-3 "
                              f"({args.deepspeed_config})")
         compile_decoder_layers(model)
+    if resume_tag:  # another world size than the checkpoint's: re-partition through a universal checkpoint
+        load_dir, load_tag = prepare_resume(save_dir, resume_tag, world, ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=ds_config)
     gas = engine.gradient_accumulation_steps()
@@ -170,9 +190,9 @@ def main():
     # ---- resume ----------------------------------------------------------------------------------------
     step = 0
     if resume_tag:
-        _, client = engine.load_checkpoint(str(save_dir), tag=resume_tag)
+        _, client = engine.load_checkpoint(load_dir, tag=load_tag)
         step = client["step"]
-        data.load_state_dict(client["data"])
+        data.load_state_dict(client["data"], allow_data_change=args.allow_data_change)
         if rank == 0:
             print(f"resumed from {save_dir / resume_tag} at step {step}", flush=True)
     metrics_path = save_dir / "metrics.jsonl"
@@ -184,11 +204,13 @@ def main():
 
     def save(tag_step: int):
         tag = f"step{tag_step}"
-        client = {"step": tag_step, "data": data.state_dict(), "model_config": config.to_dict()}
+        client = {"step": tag_step, "data": data.state_dict(), "model_config": config.to_dict(),
+                  **universal_client_state()}
         engine.save_checkpoint(str(save_dir), tag=tag, client_state=client, save_latest=False)
         dist.barrier()  # every rank's shards are on disk before the tag is sealed
         if rank == 0:
-            mark_complete(save_dir, tag, {"step": tag_step, "world_size": world, "time": time.time()})
+            mark_complete(save_dir, tag, {"step": tag_step, "world_size": world, "global_batch_size": global_bs,
+                                          "time": time.time()})
             print(f"saved checkpoint {save_dir / tag}", flush=True)
         dist.barrier()
 
@@ -219,6 +241,8 @@ def main():
                       "grad_norm": None if grad_norm is None else float(grad_norm),
                       "tokens_per_sec": tokens_per_sec, "tflops": tflops,
                       "mfu": tflops / peak if peak else None, "epoch": data.epoch, "time": time.time()}
+            if hasattr(data, "tokens_by_source"):
+                record["tokens_by_source"] = data.tokens_by_source()
             if rank == 0:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                                if k != "time"), flush=True)
@@ -226,7 +250,9 @@ def main():
                     f.write(json.dumps(record) + "\n")
                 if engine.monitor.enabled:
                     engine.monitor.write_events([(f"Train/{k}", v, step) for k, v in record.items()
-                                                 if isinstance(v, float) and math.isfinite(v) and k != "time"])
+                                                 if isinstance(v, float) and math.isfinite(v) and k != "time"]
+                                                + [(f"Train/tokens/{name}", n, step)
+                                                   for name, n in record.get("tokens_by_source", {}).items()])
             window_loss.zero_()
             window_steps, t0 = 0, time.perf_counter()
 

@@ -261,8 +261,10 @@ class DataEngine:
                 "micro_batch_size": self.micro_batch_size, "max_length": self.max_length,
                 "fingerprint": self.fingerprint}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue where `state` stopped: the next get_data() is the first batch that run had not served."""
+    def load_state_dict(self, state: dict, allow_data_change: bool = False) -> None:
+        """Continue where `state` stopped: the next get_data() is the first batch that run had not served.
+        allow_data_change continues at the saved step despite other data or settings (never another world size:
+        this order is tied to it)."""
         self._require_loaded()
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown data state format {state.get('format')!r} (expected {STATE_FORMAT})")
@@ -271,7 +273,10 @@ class DataEngine:
                     for k in ("world_size", "micro_batch_size", "max_length", "seed", "fingerprint",
                               "steps_per_epoch")
                     if state.get(k) != mine[k]]
-        if problems:
+        if problems and allow_data_change and state.get("world_size") == self.world_size:
+            logger.warning("data settings changed (%s): continuing at step %s under the new order",
+                           "; ".join(problems), state.get("step"))
+        elif problems:
             raise ValueError("cannot resume the data position: the checkpoint was made with different data or "
                              "settings (the fingerprint covers the data files' names and sizes, the tokenizer and "
                              "the line rules): " + "; ".join(problems))
