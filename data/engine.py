@@ -34,6 +34,11 @@ STATE_FORMAT = 2
 FINGERPRINT_FIELDS = ("data_order", "files", "mixture", "seed", "max_length", "global_batch_size")
 
 
+def _local():
+    """(local rank, ranks on this node); without a launcher, as if all ranks shared one node."""
+    return int(os.environ.get("LOCAL_RANK", "0")), max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def split_global_batch(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
     """Gradient accumulation steps = global / (micro x world), or a ValueError naming the three numbers."""
     gas, rest = divmod(global_batch_size, micro_batch_size * world_size)
@@ -112,9 +117,17 @@ class GlobalDataEngine:
         error = None
         try:
             self._assemble(entries)
+            # Checksums and id ranges once per node, split over its local ranks (each rank would otherwise read
+            # the whole corpus); the entries are trusted everywhere once every rank has agreed.
+            local_rank, local_world = _local()
+            for i, e in enumerate(entries):
+                if i % local_world == local_rank:
+                    e.verify(self.vocab_size)
         except (OSError, ValueError) as e:
             error = e
         dist.agree(error, self.world_size, "loading the data")
+        for e in entries:
+            e.verified = True
         self.index = self._load_index()
         self._seen = np.zeros(len(self.sources), dtype=np.int64)
         release_freed_memory()
@@ -136,8 +149,7 @@ class GlobalDataEngine:
         entries, error, tokenized = [None] * n, None, 0
         # Round 1: each rank tokenizes its share into the cache; round 2: a node whose cache lacks entries after
         # that (node-local cache folders) fills them, split over its local ranks; then every rank maps all.
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world_size)))
+        local_rank, local_world = _local()
         for round_, (share, of) in enumerate(((self.rank, self.world_size), (local_rank, local_world))):
             try:
                 mine = [i for i in range(n) if i % of == share and entries[i] is None]
@@ -206,7 +218,7 @@ class GlobalDataEngine:
         blob = json.dumps([INDEX_FORMAT, self.fingerprint, self.samples_per_source, self.num_batches])
         path = self.cache_dir / "index" / f"{hashlib.sha256(blob.encode()).hexdigest()[:32]}.npy"
         error = None
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        if _local()[0] == 0:
             try:
                 path.parent.mkdir(exist_ok=True)
                 build_index(path, *args)

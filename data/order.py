@@ -63,26 +63,44 @@ def epoch_permutation(seed: int, source: int, epoch: int, n: int) -> np.ndarray:
 def compute_order(sample_counts: Sequence[int], weights: Sequence[float], seed: int, batch_size: int,
                   num_batches: int) -> np.ndarray:
     """int64 [num_batches * batch_size] global sample ids, batch after batch."""
+    out = np.empty(num_batches * batch_size, dtype=np.int64)
+    write_order(out, sample_counts, weights, seed, batch_size, num_batches)
+    return out
+
+
+def write_order(out: np.ndarray, sample_counts: Sequence[int], weights: Sequence[float], seed: int, batch_size: int,
+                num_batches: int, chunk_samples: int = 1 << 22) -> None:
+    """Fill `out` (an array or a memory map of num_batches * batch_size int64) chunk by chunk, so the builder
+    holds a few chunk-sized arrays and one epoch permutation per source, never the whole order twice."""
     n = np.asarray(sample_counts, dtype=np.int64)
     if (n[np.asarray(weights) > 0] < 1).any():
         raise ValueError("every source with a positive weight needs at least one sample")
     offsets = np.concatenate([[0], np.cumsum(n)[:-1]])
-    counts = mixture_counts(weights, batch_size, num_batches)
-    total = num_batches * batch_size
-    # Source of each position: sources in order within each batch, then interleaved by hashed keys.
-    src = np.repeat(np.tile(np.arange(len(n)), num_batches), counts.ravel())  # [total]
-    keys = _splitmix64(np.arange(total, dtype=np.uint64) ^ np.uint64(seed * 0x2545F4914F6CDD1D % (1 << 64)))
-    within = np.argsort(keys.reshape(num_batches, batch_size), axis=1, kind="stable")  # [num_batches, batch_size]
-    src = np.take_along_axis(src.reshape(num_batches, batch_size), within, axis=1).ravel()  # [total]
-    out = np.empty(total, dtype=np.int64)
-    for s in range(len(n)):
-        where = np.flatnonzero(src == s)  # the k-th position here is source s's k-th draw
-        if not len(where):
-            continue
-        epochs = -(-len(where) // int(n[s]))
-        draws = np.concatenate([epoch_permutation(seed, s, e, int(n[s])) for e in range(epochs)])[:len(where)]
-        out[where] = offsets[s] + draws
-    return out
+    counts = mixture_counts(weights, batch_size, num_batches)  # [num_batches, S]
+    seed_key = np.uint64(seed * 0x2545F4914F6CDD1D % (1 << 64))
+    drawn = np.zeros(len(n), dtype=np.int64)  # draws each source has served before this chunk
+    perms = {}  # source -> (epoch, permutation): draws only move forward, so one epoch per source suffices
+    step = max(1, chunk_samples // batch_size)
+    for b0 in range(0, num_batches, step):
+        b1 = min(num_batches, b0 + step)
+        lo, hi = b0 * batch_size, b1 * batch_size
+        # Source of each position: sources in order within each batch, then interleaved by hashed keys.
+        src = np.repeat(np.tile(np.arange(len(n)), b1 - b0), counts[b0:b1].ravel())  # [hi - lo]
+        keys = _splitmix64(np.arange(lo, hi, dtype=np.uint64) ^ seed_key)
+        within = np.argsort(keys.reshape(b1 - b0, batch_size), axis=1, kind="stable")  # [b1 - b0, batch_size]
+        src = np.take_along_axis(src.reshape(b1 - b0, batch_size), within, axis=1).ravel()  # [hi - lo]
+        chunk = np.empty(hi - lo, dtype=np.int64)
+        for s in range(len(n)):
+            where = np.flatnonzero(src == s)  # the k-th position here is source s's (drawn[s] + k)-th draw
+            k = drawn[s] + np.arange(len(where))
+            epochs, within_epoch = np.divmod(k, n[s]) if len(where) else (k, k)
+            for e in np.unique(epochs):
+                if perms.get(s, (None,))[0] != e:
+                    perms[s] = (e, epoch_permutation(seed, s, int(e), int(n[s])))
+                sel = epochs == e
+                chunk[where[sel]] = offsets[s] + perms[s][1][within_epoch[sel]]
+            drawn[s] += len(where)
+        out[lo:hi] = chunk
 
 
 def build_index(path: Path, sample_counts: Sequence[int], weights: Sequence[float], seed: int, batch_size: int,
@@ -91,10 +109,11 @@ def build_index(path: Path, sample_counts: Sequence[int], weights: Sequence[floa
     Written under a temporary name and renamed, so concurrent builders and crashes leave only whole files."""
     path = Path(path)
     if not path.is_file():
-        order = compute_order(sample_counts, weights, seed, batch_size, num_batches)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.save(f, order)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.npy")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(num_batches * batch_size,))
+        write_order(out, sample_counts, weights, seed, batch_size, num_batches)
+        out.flush()
+        del out
         os.replace(tmp, path)
     index = np.load(path, mmap_mode="r")
     if index.shape != (num_batches * batch_size,) or index.dtype != np.int64:

@@ -238,3 +238,22 @@ def test_binary_file_is_refused_with_its_name(tmp_path):
         engine(data, tmp_path / "cache")
     with pytest.warns(DataWarning, match=r"latin1\.txt: 10 line\(s\) had undecodable"):
         engine(data, tmp_path / "cache", max_bad_line_fraction=1.0)
+
+
+def test_offline_tokenization_leaves_nothing_to_tokenize(mixed, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from data.cache import TokenCache
+
+    data, mix, _ = mixed
+    spec = importlib.util.spec_from_file_location("tokenize_data", ROOT / "scripts" / "tokenize_data.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cache = tmp_path / "offline"
+    assert script.main(["--data_dir", str(data), "--tokenizer_path", str(TOKENIZER), "--cache_dir", str(cache),
+                        "--num_workers", "1", "--data_mix", str(mix)]) == 0
+    out = capsys.readouterr().out
+    assert "4 files (0 already cached)" in out and "tokens/s" in out
+    monkeypatch.setattr(TokenCache, "tokenize", lambda *a, **k: pytest.fail("tokenized at start"))
+    e = engine(data, cache, data_mix=mix)
+    assert e.num_tokens == int(out.split(" tokens (")[0].rsplit(" ", 1)[1])
