@@ -6,8 +6,8 @@ and the per-document filter's name, so changing any of them gives a new entry. E
 temporary name and renamed, metadata last: a crash leaves no half-written entry, and any number of processes
 (ranks, scripts/tokenize_data.py) may fill one folder at once.
 
-An entry is trusted only after its checksum and its largest id (below the vocabulary size) have been checked,
-once per process, when the entry is first read (``CacheEntry.verify``). A damaged .bin of the right size is
+An entry is trusted only after its checksum and its largest id (below the vocabulary size) have been checked
+(``CacheEntry.verify``): by the global engine at start, once per node; otherwise when a process first reads it. A damaged .bin of the right size is
 therefore an error naming the file instead of silent zeros or ids past the embedding table.
 
 Only text is tokenized: a file holding NUL bytes, or whose undecodable lines exceed ``max_bad_line_fraction``,
