@@ -225,11 +225,11 @@ class CacheEntry:
             return
         h, top = hashlib.blake2b(digest_size=16), 0
         buf = np.empty(1 << 23, dtype=self.tokens.dtype)  # 8M ids a read: bounded memory, one pass
+        raw = memoryview(buf).cast("B")
         with open(self.bin_path, "rb", buffering=0) as f:
-            while n := f.readinto(memoryview(buf).cast("B")):
-                part = buf[:n // buf.itemsize]
-                h.update(part.tobytes())
-                top = max(top, int(part.max()))
+            while n := f.readinto(raw):
+                h.update(raw[:n])
+                top = max(top, int(buf[:n // buf.itemsize].max()))
         if h.hexdigest() != self.checksum:
             raise ValueError(f"token cache entry {self.bin_path} (for {self.source}) fails its checksum: the file is "
                              "damaged. Delete it (and its .json) and start again to tokenize that file anew.")
