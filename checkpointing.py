@@ -1,6 +1,6 @@
 """Checkpoints in and out of training: complete-only DeepSpeed checkpoints, and Hugging Face weights in.
 
-(The way out, a DeepSpeed checkpoint to a Hugging Face folder, is scripts/convert_checkpoint.py; it picks its
+(The way out, a DeepSpeed checkpoint to a Hugging Face folder, is checkpoint_export.py; it picks its
 tag with ``resolve_checkpoint_tag`` below.)
 
 A DeepSpeed checkpoint under ``<save_dir>/<tag>/`` counts as complete once ``<tag>/complete.json`` exists; it
@@ -15,23 +15,11 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
+from common import read_json, write_atomic  # noqa: F401 - re-exported for callers of this module
+
 COMPLETE_MARKER = "complete.json"
 # Fields that decide the weights' shapes: a folder whose config differs in one of them cannot be loaded.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = Path(f"{path}.tmp.{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path, what: str):
-    """Parse a JSON file, or raise ValueError naming `what` (a flag or role) and the file."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what}: {path} is not valid JSON: {e}") from e
 
 
 def mark_complete(save_dir: Path, tag: str, info: dict) -> None:

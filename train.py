@@ -19,8 +19,9 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from checkpointing import (check_folder_config, load_folder_weights, mark_complete, prepare_resume, read_json,
-                           resolve_resume_tag, universal_client_state, write_atomic)
+from checkpointing import (check_folder_config, load_folder_weights, mark_complete, prepare_resume,
+                           resolve_resume_tag, universal_client_state)
+from common import HelpFormatter, all_ranks_ok, read_json, run_cli, write_atomic
 from data import DATA_ORDERS, make_engine, split_global_batch
 from models.configuration_baichuan import BaiChuanConfig
 from models.flops import flops_per_token, peak_tflops_for
@@ -29,7 +30,7 @@ from models.modeling_baichuan import BaiChuanForCausalLM
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_dir", default="data_dir", help="folder of UTF-8 text shards, one document per line; "
                    "at least as many files as ranks")
     p.add_argument("--tokenizer_path", default="tokenizer.model", help="SentencePiece model file")
@@ -92,16 +93,6 @@ def load_ds_config(args) -> dict:
     if sched.get("total_num_steps") == "auto":
         sched["total_num_steps"] = args.max_steps
     return ds
-
-
-def all_ranks_ok(error, where: str):
-    """Agree across ranks whether `where` succeeded, so one rank's error never leaves the others in a collective."""
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=deepspeed.get_accelerator().current_device_name())
-    dist.all_reduce(flag)
-    if error is not None:
-        raise error
-    if flag.item():
-        raise RuntimeError(f"{where} failed on {flag.item()} other rank(s); see their error above")
 
 
 def peak_tflops(args):
@@ -261,4 +252,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

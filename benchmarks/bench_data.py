@@ -41,29 +41,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-SHARED = Path(os.environ.get("BAICHUAN_SHARED_DATA", ROOT.parent / "shared" / "data"))
+from common import REPO_ROOT as ROOT, HelpFormatter, peak_rss_bytes, rss_bytes, shared_data_dir
+
+SHARED = shared_data_dir()
 EOS, MIN_TOKENS = 2, 20
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux
-        import psutil
-
-        return psutil.Process().memory_info().rss
-
-
-def peak_rss_bytes() -> int:
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
 def cpu_seconds() -> float:
@@ -284,7 +265,7 @@ def scale_main(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--corpus", type=Path, default=SHARED / "corpus", help="folder of .txt files to build from")
     parser.add_argument("--tokenizer", type=Path, default=SHARED / "baichuan-7b-tokenizer" / "tokenizer.model",
                         help="SentencePiece model used by both loaders")

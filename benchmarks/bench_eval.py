@@ -27,14 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import HelpFormatter, shared_data_dir
+from evaluation.data import load_mmlu
+from evaluation.engine import FewShotEngine, load_model_and_tokenizer, predict
+from evaluation.prompts import PromptStyle, fit_prompt
 
-from evaluation.data import load_mmlu  # noqa: E402
-from evaluation.engine import FewShotEngine, load_model_and_tokenizer, predict  # noqa: E402
-from evaluation.prompts import PromptStyle, fit_prompt  # noqa: E402
-
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = shared_data_dir()
 # Every 8th of the 57 subjects in alphabetical order: a spread of short and long questions, not picked for
 # speed. Over the whole test set the work ratio (tokens run, plain / fast) is 6.1x; on this sample it is lower,
 # as 40 questions per subject amortise the prefix less than a subject's full ~250.
@@ -113,7 +111,7 @@ def run(args, device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--data_dir", type=Path, default=SHARED / "mmlu", help="MMLU data folder")
     parser.add_argument("--tokenizer", type=Path, default=SHARED / "baichuan-7b-tokenizer" / "tokenizer.model",
                         help="SentencePiece model for the random model")

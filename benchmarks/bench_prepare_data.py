@@ -45,11 +45,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import prep_text  # noqa: E402
+from common import REPO_ROOT as ROOT, HelpFormatter, shared_data_dir
+from corpus import text as prep_text
 
-CORPUS = Path(os.environ.get("BAICHUAN_SHARED_DATA", ROOT.parent / "shared" / "data")) / "corpus"
+CORPUS = shared_data_dir() / "corpus"
 FUNCTION_WORDS = set(prep_text.EN_FUNCTION_WORDS)
 WORD = re.compile(r"[A-Za-z]+")
 
@@ -210,7 +209,7 @@ def planted_recall(work: Path, manifest: dict, log: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--size-mb", type=float, default=200.0, help="corpus size (default 200)")
     p.add_argument("--baseline-mb", type=float, default=50.0,
                    help="slice on which both LSH backends run side by side; 0 skips the baseline (default 50)")

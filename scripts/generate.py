@@ -26,11 +26,13 @@ from pathlib import Path
 
 import torch
 
+from common import HelpFormatter, pick_device_and_dtype, run_cli
+
 REFERENCE_PROMPT = "登鹳雀楼->王之涣\n夜雨寄北->"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face model folder (trust_remote_code is on)")
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt (repeatable); default: the reference README's prompt when no --prompt_file")
@@ -97,18 +99,6 @@ def read_prompts(path: Path):
     if not prompts:
         raise ValueError(f"--prompt_file {path} holds no prompt")
     return prompts
-
-
-def pick_device_and_dtype(device: str, dtype: str):
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return device, torch.float32
-    return device, getattr(torch, dtype)
 
 
 def load(model_dir: str, device: str, dtype):
@@ -179,4 +169,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

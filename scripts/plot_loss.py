@@ -20,10 +20,11 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
+from common import HelpFormatter
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="+", help="metrics.jsonl files, or folders holding one")
     p.add_argument("-o", "--output", default="loss.png", help="PNG file to write")
     p.add_argument("--labels", default=None, help="comma-separated legend labels, one per run")
@@ -83,12 +84,16 @@ def tokens_per_step(metrics: Path) -> int:
 
 
 def moving_average(values, window: int):
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
+    """Means of every full window of `values` (len(values) - window + 1 of them): a partial window at the start
+    would draw a mean of a few noisy points as if it were as smooth as the rest."""
+    if window > len(values):
+        raise ValueError(f"--smooth {window} is larger than the {len(values)} logged point(s); use at most "
+                         f"{len(values)}")
+    out, total = [], sum(values[:window - 1])
+    for i in range(window - 1, len(values)):
+        total += values[i]
+        out.append(total / window)
+        total -= values[i - window + 1]
     return out
 
 
@@ -107,7 +112,7 @@ def plot(runs, output, labels=None, smooth: int = 0, x: str = "step", title: str
         loss = [r["loss"] for r in records]
         if smooth > 1:
             raw, = ax_loss.plot(xs, loss, alpha=0.25, linewidth=0.8)
-            ax_loss.plot(xs, moving_average(loss, smooth), color=raw.get_color(), linewidth=1.6,
+            ax_loss.plot(xs[smooth - 1:], moving_average(loss, smooth), color=raw.get_color(), linewidth=1.6,
                          label=f"{label} (mean of {smooth})")
             color = raw.get_color()
         else:

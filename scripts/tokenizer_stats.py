@@ -24,9 +24,8 @@ from typing import Dict, List, Sequence
 
 import sentencepiece as spm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_tokenizer import (DEFAULT_CORPUS, DEFAULT_EXCLUDE, corpus_files, is_heldout,  # noqa: E402
-                             iter_chunks)
+from corpus.tokenizer_training import DEFAULT_CORPUS, DEFAULT_EXCLUDE, corpus_files, is_heldout, iter_chunks
+from common import HelpFormatter
 
 
 @dataclass
@@ -102,7 +101,7 @@ def format_table(rows: Sequence[Dict[str, object]], langs: Sequence[str]) -> str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("models", type=Path, nargs="+", help="SentencePiece .model files")
     p.add_argument("--zh", type=Path, nargs="+",
                    help="Chinese sample files (default: held-out chunks of <corpus>/zh)")

@@ -8,9 +8,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.configuration_baichuan import BaiChuanConfig  # noqa: E402
-from models.modeling_baichuan import BaiChuanForCausalLM  # noqa: E402
+from models.configuration_baichuan import BaiChuanConfig
+from models.modeling_baichuan import BaiChuanForCausalLM
 
 config_path, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 deepspeed.init_distributed()

@@ -7,7 +7,6 @@ restores both with engine.load_checkpoint, and two --init_from runs of one step.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,25 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, shared_path
+from conftest import FIXTURES, ROOT, free_port
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import convert_checkpoint  # noqa: E402
-import generate  # noqa: E402
-import plot_loss  # noqa: E402
-from checkpointing import check_folder_config, load_folder_weights, resolve_checkpoint_tag  # noqa: E402
-from models.configuration_baichuan import BaiChuanConfig  # noqa: E402
-from models.modeling_baichuan import BaiChuanForCausalLM  # noqa: E402
+import checkpoint_export as convert_checkpoint
+from checkpointing import check_folder_config, load_folder_weights, resolve_checkpoint_tag
+from models.configuration_baichuan import BaiChuanConfig
+from models.modeling_baichuan import BaiChuanForCausalLM
+from scripts import generate, plot_loss
 
 TOKENIZER = ROOT / "tokenizer.model"
 pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(), reason="tokenizer.model missing at the repo root")
 MICRO_BS, MAX_LENGTH, SEED = 2, 64, 42
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ds_config(path: Path, stage: int) -> Path:
@@ -474,10 +466,11 @@ def test_generate_sampling_is_seeded_and_bad_input_is_clear(exported, workdir):
 def test_evaluation_scripts_take_the_exported_folder(exported, workdir, capsys):
     from evaluation import evaluate_mmlu, evaluate_zh
     folder = str(exported[3])
-    mmlu = evaluate_mmlu.main(["-m", folder, "-d", str(shared_path("mmlu")), "-s", str(workdir / "mmlu"),
+    data = FIXTURES / "benchmarks"
+    mmlu = evaluate_mmlu.main(["-m", folder, "-d", str(data / "mmlu"), "-s", str(workdir / "mmlu"),
                                "--subjects", "abstract_algebra", "--max_questions", "3", "--device_map", "cpu"])
     assert mmlu["questions"] == 3 and mmlu["config"]["dtype"] == "torch.float32"
-    ceval = evaluate_zh.main(["--model_name_or_path", folder, "--data_dir", str(shared_path("ceval")),
+    ceval = evaluate_zh.main(["--model_name_or_path", folder, "--data_dir", str(data / "ceval"),
                               "--output_dir", str(workdir / "ceval"), "--subjects", "law", "--max_questions", "3",
                               "--device_map", "cpu"])
     assert ceval["questions"] == {"law": 3}

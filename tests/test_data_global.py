@@ -241,16 +241,12 @@ def test_binary_file_is_refused_with_its_name(tmp_path):
 
 
 def test_offline_tokenization_leaves_nothing_to_tokenize(mixed, tmp_path, monkeypatch, capsys):
-    import importlib.util
-
     from data.cache import TokenCache
+    from data.offline import main as tokenize_data
 
     data, mix, _ = mixed
-    spec = importlib.util.spec_from_file_location("tokenize_data", ROOT / "scripts" / "tokenize_data.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     cache = tmp_path / "offline"
-    assert script.main(["--data_dir", str(data), "--tokenizer_path", str(TOKENIZER), "--cache_dir", str(cache),
+    assert tokenize_data(["--data_dir", str(data), "--tokenizer_path", str(TOKENIZER), "--cache_dir", str(cache),
                         "--num_workers", "1", "--data_mix", str(mix)]) == 0
     out = capsys.readouterr().out
     assert "4 files (0 already cached)" in out and "tokens/s" in out

@@ -393,11 +393,8 @@ def test_unwritable_cache_dir_is_an_error(corpus, tok, tmp_path):
 
 
 def test_sample_corpus_matches_its_generator():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import make_sample_data
-    finally:
-        sys.path.pop(0)
+    from scripts import make_sample_data
+
     assert make_sample_data.main(["--check", "--output", str(ROOT / "data_dir")]) == 0
 
 

@@ -12,10 +12,8 @@ from datasketch import MinHash, MinHashLSH
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import prep_dedup  # noqa: E402
-import prep_text  # noqa: E402
-import prepare_data  # noqa: E402
+import corpus.pipeline as prepare_data
+from corpus import dedup as prep_dedup, text as prep_text
 
 WORDS = ("the of and to in that with have for on as was are you he she we they his her not but at by this "
          "river mountain library teacher window bridge garden kitchen winter summer morning evening station "

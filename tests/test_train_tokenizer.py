@@ -14,10 +14,9 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from conftest import ROOT, shared_path
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import tokenizer_stats  # noqa: E402
-import train_tokenizer  # noqa: E402
-from train_tokenizer import USER_DEFINED_SYMBOLS  # noqa: E402
+import corpus.tokenizer_training as train_tokenizer
+from corpus.tokenizer_training import USER_DEFINED_SYMBOLS
+from scripts import tokenizer_stats
 
 SHIPPED = ROOT / "tokenizer.model"
 N_META = 3 + len(USER_DEFINED_SYMBOLS) + 256  # ids below this are identical in every model the script writes
