@@ -1,10 +1,11 @@
-"""Pretrain the baichuan-7B architecture with DeepSpeed ZeRO over per-rank text shards.
+"""Pretrain the baichuan-7B architecture with DeepSpeed ZeRO on a folder of text (data path: data/).
 
     deepspeed --hostfile config/hostfile train.py --deepspeed --deepspeed_config config/deepspeed.json \
         --data_dir data_dir --model_config 7b --max_steps 100000
 
-The DeepSpeed config owns micro-batch size, gradient accumulation, optimizer, schedule and precision; this
-file owns the model, the data and the loop. Reads top to bottom: arguments, distributed init, data, model and
+The DeepSpeed config owns micro-batch size, global batch, optimizer, schedule and precision (accumulation is
+global / (micro x world), so a run keeps its global batch on any world size); this file owns the model, the
+data and the loop. Reads top to bottom: arguments, distributed init, data, model and
 engine, resume, loop (batch, forward, backward, step, log, save).
 """
 import argparse
@@ -31,8 +32,8 @@ from models.modeling_baichuan import BaiChuanForCausalLM
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data_dir", default="data_dir", help="folder of UTF-8 text shards, one document per line; "
-                   "at least as many files as ranks")
+    p.add_argument("--data_dir", default="data_dir", help="folder of UTF-8 text files, one document per line "
+                   "(searched recursively; sub-folders can be --data_mix sources)")
     p.add_argument("--tokenizer_path", default="tokenizer.model", help="SentencePiece model file")
     p.add_argument("--max_length", type=int, default=4096, help="tokens per training sequence (context length)")
     p.add_argument("--steps_per_epoch", type=int, default=2000,
