@@ -55,13 +55,12 @@ import hashlib
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
 
-from .cache import (EOS_TOKEN_ID, MAX_BAD_LINE_FRACTION, MIN_LINE_TOKENS, DataWarning, TokenCache, TokenStream,
+from .cache import (EOS_TOKEN_ID, MAX_BAD_LINE_FRACTION, MIN_LINE_TOKENS, TokenCache, TokenStream,
                     release_freed_memory, resolve_cache_dir)
 from .dist import resolve_world, sync_steps
 from .sources import files_for_rank, list_data_files
