@@ -255,12 +255,14 @@ def scale_main(args) -> int:
           "| index bytes/sample | load avg |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for order, r in rows.items():
-        print(f"| {order} | {r['load_s']:.1f} | {r['batches_s']:.1f} | {r['rss_growth_after_load'] / 2**20:,.0f} | {r['peak_rss'] / 2**20:,.0f} "
+        print(f"| {order} | {r['load_s']:.1f} | {r['batches_s']:.1f} | {r['rss_growth_after_load'] / 2**20:,.0f} "
+              f"| {r['peak_rss'] / 2**20:,.0f} "
               f"| {r['rss_anon'] / 2**20:,.0f} | {r['index_bytes'] / 2**20:,.1f} "
               f"| {r['index_bytes'] / max(1, r['index_batches'] * args.global_batch_size):.1f} "
               f"| {r['load'][0]:.2f} -> {r['load'][1]:.2f} |")
     g, p = rows["global"], rows["per_rank"]
-    print(f"\nglobal vs per_rank: start-up {g['load_s'] / p['load_s']:.2f}x, peak RSS {g['peak_rss'] / p['peak_rss']:.2f}x")
+    print(f"\nglobal vs per_rank: start-up {g['load_s'] / p['load_s']:.2f}x, "
+          f"peak RSS {g['peak_rss'] / p['peak_rss']:.2f}x")
     return 0
 
 

@@ -7,8 +7,9 @@ temporary name and renamed, metadata last: a crash leaves no half-written entry,
 (ranks, scripts/tokenize_data.py) may fill one folder at once.
 
 An entry is trusted only after its checksum and its largest id (below the vocabulary size) have been checked
-(``CacheEntry.verify``): by the global engine at start, once per node; otherwise when a process first reads it. A damaged .bin of the right size is
-therefore an error naming the file instead of silent zeros or ids past the embedding table.
+(``CacheEntry.verify``): by the global engine at start, once per node; otherwise when a process first reads it.
+A damaged .bin of the right size is therefore an error naming the file instead of silent zeros or ids past
+the embedding table.
 
 Only text is tokenized: a file holding NUL bytes, or whose undecodable lines exceed ``max_bad_line_fraction``,
 is refused with its name (binary files, such as an .so dropped into data_dir, would otherwise supply tokens).

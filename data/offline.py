@@ -1,4 +1,5 @@
-"""Offline tokenization (scripts/tokenize_data.py): tokenize a corpus into the token cache train.py reads, once, on a CPU job: training then only maps it.
+"""Offline tokenization (scripts/tokenize_data.py): tokenize a corpus into the token cache train.py reads,
+once, on a CPU job; training then only maps it.
 
     python scripts/tokenize_data.py --data_dir data_dir --cache_dir /shared/cache --num_workers 32
 
