@@ -1,5 +1,6 @@
 """The reference's module name, kept for its users: the data path now lives in the data/ package."""
-from data.cache import CACHE_FORMAT, CHUNK_BYTES, EOS_TOKEN_ID, MIN_LINE_TOKENS, DataWarning, encode_lines, load_tokenizer
+from data.cache import (CACHE_FORMAT, CHUNK_BYTES, EOS_TOKEN_ID, MIN_LINE_TOKENS, DataWarning, encode_lines,
+                        load_tokenizer)
 from data.per_rank import DataEngine
 from data.sources import files_for_rank, list_data_files
 
