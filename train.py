@@ -36,8 +36,8 @@ def parse_args():
                    "(searched recursively; sub-folders can be --data_mix sources)")
     p.add_argument("--tokenizer_path", default="tokenizer.model", help="SentencePiece model file")
     p.add_argument("--max_length", type=int, default=4096, help="tokens per training sequence (context length)")
-    p.add_argument("--steps_per_epoch", type=int, default=2000,
-                   help="checkpoint interval in optimizer steps (the reference's name for it)")
+    p.add_argument("--save_every", "--steps_per_epoch", dest="save_every", type=int, default=2000,
+                   help="checkpoint interval in optimizer steps (--steps_per_epoch is the reference's name for it)")
     p.add_argument("--checkpoint_saving_path", default="checkpoints",
                    help="folder for checkpoints, metrics.jsonl and the resolved run config")
     p.add_argument("--model_config", default="7b", help="preset name (see config/model/) or a config.json path")
@@ -78,7 +78,7 @@ def parse_args():
     args = p.parse_args()
     if args.deepspeed_config is None:
         p.error("--deepspeed_config is required (see config/deepspeed.json)")
-    for flag in ("max_length", "steps_per_epoch", "max_steps", "checkpoint_every"):
+    for flag in ("max_length", "save_every", "max_steps", "checkpoint_every"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
     return args
@@ -146,6 +146,9 @@ def main():
     if args.attention_backend:
         overrides["attention_backend"] = args.attention_backend
     config = BaiChuanConfig.from_name(args.model_config, **overrides)
+    if args.max_length > config.max_position_embeddings:
+        raise ValueError(f"--max_length {args.max_length} is longer than the model's max_position_embeddings "
+                         f"{config.max_position_embeddings} (--model_config {args.model_config})")
     if config.vocab_size < data.vocab_size:
         raise ValueError(f"tokenizer {args.tokenizer_path} has {data.vocab_size} pieces but the model's "
                          f"vocab_size is {config.vocab_size}")
@@ -248,7 +251,7 @@ def main():
             window_loss.zero_()
             window_steps, t0 = 0, time.perf_counter()
 
-        if step % args.steps_per_epoch == 0 or step == args.max_steps:
+        if step % args.save_every == 0 or step == args.max_steps:
             save(step)
 
 

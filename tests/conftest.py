@@ -20,10 +20,25 @@ SHARED = shared_data_dir()
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
+_running = {}
+
+
+@pytest.fixture(autouse=True)
+def _remember_running_test(request):
+    _running["test"] = request.node
+    yield
+    _running.pop("test", None)
+
+
 def shared_path(*parts) -> Path:
-    """A path under the real data folder, or skip the test with the reason when it is absent."""
+    """A path under the real data folder, or skip the test with the reason when it is absent. Only tests marked
+    real_data may skip this way (each has a twin on the fixtures); an unmarked test that needs the real files
+    fails here, so a fresh clone's run skips nothing but real-data and GPU tests."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
+        test = _running.get("test")
+        if test is not None and test.get_closest_marker("real_data") is None:
+            pytest.fail(f"{test.nodeid} reads {path} but is not marked real_data (give it a fixture twin)")
         pytest.skip(f"real data not found at {path} (set {SHARED_DATA_ENV}; ../shared/data is laid beside the "
                     "checkout in CI)")
     return path

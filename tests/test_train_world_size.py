@@ -14,7 +14,7 @@ STEPS = 8
 
 
 def cmd(save, config, nproc, *extra):
-    return train_cmd(save, config, "--max_steps", STEPS, "--steps_per_epoch", 4, *extra, nproc=nproc)
+    return train_cmd(save, config, "--max_steps", STEPS, "--save_every", 4, *extra, nproc=nproc)
 
 
 @pytest.fixture(scope="module")
