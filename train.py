@@ -11,23 +11,30 @@ engine, resume, loop (batch, forward, backward, step, log, save).
 import argparse
 import json
 import logging
-import math
 import time
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
+from transformers.modeling_utils import no_init_weights
 
-from checkpointing import (check_folder_config, load_folder_weights, mark_complete, prepare_resume,
-                           resolve_resume_tag, universal_client_state)
+from checkpointing import (check_folder_config, load_folder_weights, open_tag, point_latest, prepare_resume,
+                           resolve_resume_tag, save_checkpoint, universal_client_state)
 from common import HelpFormatter, all_ranks_ok, read_json, run_cli, write_atomic
 from data import DATA_ORDERS, make_engine, split_global_batch
 from models.configuration_baichuan import BaiChuanConfig
 from models.flops import flops_per_token, peak_tflops_for
 from models.kernels import compile_decoder_layers
 from models.modeling_baichuan import BaiChuanForCausalLM
+from resume_rules import check_allowed_names, compare_settings, run_settings, stored_settings
+from training.documents import document_inputs
+from training.eval_tasks import EvalTasks, parse_eval_tasks
+from training.metrics import MetricsLog
+from training.schedule import lr_scheduler_factory
+from training.validation import build_validation, check_val_args
 
 
 def parse_args():
@@ -44,6 +51,10 @@ def parse_args():
     p.add_argument("--max_steps", type=int, default=100_000, help="optimizer steps to train in all (resumed ones count)")
     p.add_argument("--resume", default="auto", help="'auto': the latest complete checkpoint in "
                    "--checkpoint_saving_path if any; 'none': start fresh; or a checkpoint tag such as step2000")
+    p.add_argument("--allow_config_change", action="append", default=[], metavar="FIELD",
+                   help="resume although FIELD (a setting such as model.rope_theta, a prefix such as optimizer, or "
+                        "a group: model, data, optimizer, schedule, precision, zero) differs from the checkpoint's; "
+                        "repeatable (default: none; see docs/security.md)")
     p.add_argument("--init_from", default=None, help="Hugging Face model folder (e.g. the released baichuan-7B) "
                    "to start from, for continued pretraining; ignored when resuming")
     p.add_argument("--seed", type=int, default=42, help="seed for weights and data order")
@@ -68,11 +79,32 @@ def parse_args():
     p.add_argument("--data_mix", default=None, help="JSON file of weighted sources under --data_dir (see "
                    "docs/data.md); default: all files as one source")
     p.add_argument("--allow_data_change", action="store_true", help="on resume, continue from the saved global "
-                   "sample count even if the mixture, seed, sequence length, global batch or files changed")
+                   "sample count even if the mixture, seed, sequence length, global batch or files changed (the "
+                   "same as --allow_config_change data)")
     p.add_argument("--max_bad_line_fraction", type=float, default=0.5, help="refuse a data file with NUL bytes or "
                    "more undecodable lines than this share (1 = tokenize anything)")
     p.add_argument("--dist_timeout_minutes", type=int, default=30,
                    help="a collective that waits longer than this fails instead of hanging")
+    p.add_argument("--val_dir", default=None, help="folder of held-out text shards for the validation loss")
+    p.add_argument("--val_fraction", type=float, default=None,
+                   help="hold out this share (0, 0.5] of --data_dir's documents, chosen by a hash of their content, "
+                        "for the validation loss; they are never trained on")
+    p.add_argument("--eval_every", type=int, default=500,
+                   help="validation loss every this many optimizer steps, and at the start and end (0 = start "
+                        "and end only); needs --val_dir or --val_fraction")
+    p.add_argument("--eval_tokens", type=int, default=262_144,
+                   help="held-out tokens (predictions) in the fixed validation set, split across ranks")
+    p.add_argument("--eval_tasks", default=None,
+                   help="benchmarks scored during training on a fixed seeded subset, e.g. mmlu:200,ceval:200 "
+                        "(tasks: mmlu, ceval, cmmlu, gaokao, agieval)")
+    p.add_argument("--eval_data_dir", default=None,
+                   help="with --eval_tasks: folder holding each task's folder in its official layout (mmlu/, "
+                        "ceval/, cmmlu/, gaokao-bench/, agieval/)")
+    p.add_argument("--eval_tasks_every", type=int, default=0,
+                   help="score --eval_tasks every this many steps (0 = at every checkpoint), and at the end")
+    p.add_argument("--document_mask", action="store_true",
+                   help="attention stays within each packed document and positions restart at each one "
+                        "(default: the reference's plain causal attention over the packed row)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     p = deepspeed.add_config_arguments(p)
     args = p.parse_args()
@@ -81,6 +113,18 @@ def parse_args():
     for flag in ("max_length", "save_every", "max_steps", "checkpoint_every"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
+    check_val_args(args, p)
+    if args.eval_tasks is not None:
+        try:
+            parse_eval_tasks(args.eval_tasks)
+        except ValueError as e:
+            p.error(str(e))
+        if args.eval_data_dir is None:
+            p.error("--eval_tasks needs --eval_data_dir (the folder holding mmlu/, ceval/ ...)")
+    try:
+        check_allowed_names(args.allow_config_change)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -135,11 +179,28 @@ def main():
                            micro_batch_size=micro_bs, max_length=args.max_length, global_batch_size=global_bs,
                            num_batches=args.max_steps, world_size=world, rank=rank, seed=args.seed,
                            cache_dir=args.cache_dir, num_workers=args.num_workers, device=device,
-                           data_mix=args.data_mix, max_bad_line_fraction=args.max_bad_line_fraction)
+                           data_mix=args.data_mix, max_bad_line_fraction=args.max_bad_line_fraction,
+                           holdout=None if args.val_fraction is None else (args.val_fraction, False))
     except (OSError, ValueError) as e:
         error = e
     all_ranks_ok(error, "opening the data")
     data.load_data()  # agrees across ranks itself: it raises on every rank or on none
+    validation = None
+    if args.val_dir is not None or args.val_fraction is not None:
+        error = None
+        try:
+            validation = build_validation(args, rank, world, device)
+        except (OSError, ValueError) as e:
+            error = e
+        all_ranks_ok(error, "opening the validation data")
+    eval_tasks = None
+    if args.eval_tasks is not None:
+        error = None
+        try:
+            eval_tasks = EvalTasks(args.eval_tasks, args.eval_data_dir, args.tokenizer_path, args.seed)
+        except (OSError, ValueError) as e:
+            error = e
+        all_ranks_ok(error, "loading the --eval_tasks benchmarks")
 
     # ---- model and engine --------------------------------------------------------------------------------
     overrides = {"loss_chunk_size": args.loss_chunk_size, "use_cache": False}
@@ -152,14 +213,34 @@ def main():
     if config.vocab_size < data.vocab_size:
         raise ValueError(f"tokenizer {args.tokenizer_path} has {data.vocab_size} pieces but the model's "
                          f"vocab_size is {config.vocab_size}")
+    # --allow_data_change is the resume table's "data" group.
+    allowed_changes = args.allow_config_change + (["data"] if args.allow_data_change else [])
+    settings = run_settings(config, ds_config, args.seed, args.max_length, world, args.tokenizer_path,
+                            getattr(data, "fingerprint", None))
+    if resume_tag:
+        # Before DeepSpeed reads the tag (with pickle): no file may run code, and nothing that changes what is
+        # trained may differ unless --allow_config_change names it.
+        error = None
+        try:
+            stored = open_tag(save_dir, resume_tag)
+            allowed = compare_settings(stored_settings(stored), settings,
+                                       allowed_changes, where=str(save_dir / resume_tag))
+            if allowed and rank == 0:
+                logging.warning("resuming with changed settings (allowed): %s", "; ".join(allowed))
+        except (OSError, ValueError) as e:
+            error = e
+        all_ranks_ok(error, f"checking checkpoint {save_dir / resume_tag}")
     if args.init_from and not resume_tag:
         check_folder_config(Path(args.init_from), config)
+    # Weights about to be overwritten by --init_from are not initialised first (minutes at 7B).
+    skip_init = no_init_weights() if args.init_from and not resume_tag else nullcontext()
     if zero3:
         # Parameters are partitioned as they are created, so a 7B model never exists whole on one rank.
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        with deepspeed.zero.Init(config_dict_or_path=ds_config), skip_init:
             model = BaiChuanForCausalLM(config)
     else:
-        model = BaiChuanForCausalLM(config)
+        with skip_init:
+            model = BaiChuanForCausalLM(config)
     if args.init_from and not resume_tag:
         load_folder_weights(model, Path(args.init_from), zero3=zero3)
     if args.gradient_checkpointing:
@@ -172,42 +253,49 @@ def main():
         compile_decoder_layers(model)
     if resume_tag:  # another world size than the checkpoint's: re-partition through a universal checkpoint
         load_dir, load_tag = prepare_resume(save_dir, resume_tag, world, ds_config)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=ds_config)
+    # The config's scheduler section drives our LambdaLR, so step k trains at the schedule's value for k.
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
+                                           lr_scheduler=lr_scheduler_factory(ds_config))
     gas = engine.gradient_accumulation_steps()
-
-    if rank == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        resolved = {"args": vars(args), "deepspeed": ds_config,
-                    "model": config.to_dict(), "world_size": world}
-        write_atomic(save_dir / "run_config.json", json.dumps(resolved, indent=2, default=str))
 
     # ---- resume ----------------------------------------------------------------------------------------
     step = 0
     if resume_tag:
         _, client = engine.load_checkpoint(load_dir, tag=load_tag)
         step = client["step"]
-        data.load_state_dict(client["data"], allow_data_change=args.allow_data_change)
+        data.load_state_dict(client["data"], allow_data_change="data" in allowed_changes)
         if rank == 0:
+            point_latest(save_dir, resume_tag)
             print(f"resumed from {save_dir / resume_tag} at step {step}", flush=True)
-    metrics_path = save_dir / "metrics.jsonl"
-    if rank == 0 and metrics_path.exists():
-        # Steps after the checkpoint were lost with the killed run and will be trained again.
-        kept = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        write_atomic(metrics_path, "".join(line + "\n" for line in kept))
+    if rank == 0:
+        # Only now, with every check passed: a launch refused above leaves the record of the run as it was.
+        save_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {"args": vars(args), "deepspeed": ds_config,
+                    "model": config.to_dict(), "world_size": world}
+        write_atomic(save_dir / "run_config.json", json.dumps(resolved, indent=2, default=str))
+    metrics = MetricsLog(save_dir, rank, engine.monitor)
+    metrics.truncate_after(step)
+
+    def validate() -> float:
+        """Log the validation loss at this step; returns the seconds it took (kept out of tokens/s)."""
+        if validation is None:
+            return 0.0
+        start = time.perf_counter()
+        result = validation.evaluate(engine)
+        seconds = time.perf_counter() - start
+        metrics.write({"step": step, **result, "val_seconds": seconds, "time": time.time()})
+        return seconds
 
     def save(tag_step: int):
         tag = f"step{tag_step}"
         client = {"step": tag_step, "data": data.state_dict(), "model_config": config.to_dict(),
-                  **universal_client_state()}
-        engine.save_checkpoint(str(save_dir), tag=tag, client_state=client, save_latest=False)
-        dist.barrier()  # every rank's shards are on disk before the tag is sealed
+                  "run_settings": settings, **universal_client_state()}
+        # The tag carries its tokenizer: an export takes it from there, whatever later launches record.
+        save_checkpoint(engine, save_dir, tag, client,
+                        {"step": tag_step, "world_size": world, "global_batch_size": global_bs},
+                        files={"tokenizer.model": args.tokenizer_path})
         if rank == 0:
-            mark_complete(save_dir, tag, {"step": tag_step, "world_size": world, "global_batch_size": global_bs,
-                                          "time": time.time()})
             print(f"saved checkpoint {save_dir / tag}", flush=True)
-        dist.barrier()
 
     # ---- loop ------------------------------------------------------------------------------------------
     tokens_per_step = micro_bs * args.max_length * gas
@@ -215,11 +303,16 @@ def main():
     peak = peak_tflops(args)
     print_every = ds_config.get("steps_per_print", 10)
     engine.train()
+    if step == 0:
+        validate()
     window_loss, window_steps, t0 = torch.zeros((), device=device), 0, time.perf_counter()
     while step < args.max_steps:
+        lr = engine.get_lr()[0]  # what this step's optimizer update uses (the scheduler moves after it)
         for _ in range(gas):
             batch = data.get_data()  # [micro_bs, max_length + 1]
-            loss = engine(batch, labels=batch).loss  # the model shifts: max_length predictions per row
+            # The model shifts: max_length predictions per row.
+            inputs = document_inputs(batch, data.eos_id) if args.document_mask else {"labels": batch}
+            loss = engine(batch, **inputs).loss
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             window_loss += loss.detach().float() / gas
@@ -231,25 +324,27 @@ def main():
             elapsed = time.perf_counter() - t0
             tokens_per_sec = tokens_per_step * window_steps / elapsed  # per device
             tflops = tokens_per_sec * flops / 1e12
-            grad_norm = engine.get_global_grad_norm()
-            record = {"step": step, "loss": window_loss.item() / world / window_steps, "lr": engine.get_lr()[0],
-                      "grad_norm": None if grad_norm is None else float(grad_norm),
-                      "tokens_per_sec": tokens_per_sec, "tflops": tflops,
-                      "mfu": tflops / peak if peak else None, "epoch": data.epoch, "time": time.time()}
-            if hasattr(data, "tokens_by_source"):
-                record["tokens_by_source"] = data.tokens_by_source()
-            if rank == 0:
-                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                               if k != "time"), flush=True)
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-                if engine.monitor.enabled:
-                    engine.monitor.write_events([(f"Train/{k}", v, step) for k, v in record.items()
-                                                 if isinstance(v, float) and math.isfinite(v) and k != "time"]
-                                                + [(f"Train/tokens/{name}", n, step)
-                                                   for name, n in record.get("tokens_by_source", {}).items()])
+            grad_norm = engine.get_global_grad_norm()  # of this step's update, before clipping
+            # loss: mean over the window's steps; lr and grad_norm: this step's (docs/metrics.md).
+            metrics.write({"step": step, "loss": window_loss.item() / world / window_steps,
+                           "window_steps": window_steps, "lr": lr,
+                           "grad_norm": None if grad_norm is None else float(grad_norm),
+                           "tokens_per_sec": tokens_per_sec, "tflops": tflops,
+                           "mfu": tflops / peak if peak else None, "epoch": data.epoch, "time": time.time(),
+                           **({"tokens_by_source": data.tokens_by_source()}
+                              if hasattr(data, "tokens_by_source") else {})})
             window_loss.zero_()
             window_steps, t0 = 0, time.perf_counter()
+
+        if step == args.max_steps or (args.eval_every and step % args.eval_every == 0):
+            t0 += validate()
+
+        every = args.eval_tasks_every or args.save_every
+        if eval_tasks is not None and (step % every == 0 or step == args.max_steps):
+            start = time.perf_counter()
+            metrics.write({"step": step, **eval_tasks.evaluate(engine),
+                           "eval_seconds": time.perf_counter() - start, "time": time.time()})
+            t0 += time.perf_counter() - start
 
         if step % args.save_every == 0 or step == args.max_steps:
             save(step)

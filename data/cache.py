@@ -61,18 +61,29 @@ def load_tokenizer(tokenizer_path: Union[str, Path]) -> spm.SentencePieceProcess
     return sp
 
 
-def encode_lines(sp, raw: bytes, min_tokens: int, eos_id: int, dtype) -> Tuple[np.ndarray, dict]:
+def is_held_out(text: str, fraction: float) -> bool:
+    """Whether a document (a stripped line) belongs to the held-out validation share `fraction`: decided by a
+    hash of its content alone, so the split does not move when files are added, renamed or spread over
+    another number of ranks."""
+    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+    return h < fraction * 2 ** 64
+
+
+def encode_lines(sp, raw: bytes, min_tokens: int, eos_id: int, dtype,
+                 holdout: Optional[Tuple[float, bool]] = None) -> Tuple[np.ndarray, dict]:
     """Tokenize the lines of `raw` (bytes ending on a line boundary) -> (flat token array, line statistics).
 
     A kept line contributes its ids plus EOS; a line is kept when that count is at least `min_tokens`.
     Undecodable bytes become U+FFFD; `bad` counts those lines and `first_bad` is the first one's index in `raw`;
     `nul` counts NUL bytes (text never holds them, binary files do).
+    ``holdout=(fraction, want_held_out)`` keeps only the lines on one side of the validation split
+    (``is_held_out``); `split_off` counts the lines left to the other side.
     """
     lines = raw.split(b"\n")  # safe on UTF-8: byte 0x0A never occurs inside a multi-byte character
     if lines and lines[-1] == b"":
         lines.pop()  # the text after the final newline is a line only if it is not empty
     encode = sp.EncodeAsIds
-    kept, n_tokens, short, bad, first_bad = [], 0, 0, 0, -1
+    kept, n_tokens, short, bad, first_bad, split_off = [], 0, 0, 0, -1, 0
     for i, line in enumerate(lines):
         try:
             text = line.decode("utf-8")
@@ -81,7 +92,11 @@ def encode_lines(sp, raw: bytes, min_tokens: int, eos_id: int, dtype) -> Tuple[n
             bad += 1
             if first_bad < 0:
                 first_bad = i
-        ids = encode(text.strip())
+        text = text.strip()
+        if holdout is not None and is_held_out(text, holdout[0]) != holdout[1]:
+            split_off += 1
+            continue
+        ids = encode(text)
         if len(ids) + 1 < min_tokens:
             short += 1
             continue
@@ -90,7 +105,7 @@ def encode_lines(sp, raw: bytes, min_tokens: int, eos_id: int, dtype) -> Tuple[n
         n_tokens += len(ids)
     tokens = np.fromiter(chain.from_iterable(kept), dtype=dtype, count=n_tokens)
     return tokens, {"lines": len(lines), "kept": len(kept), "short": short, "bad": bad, "first_bad": first_bad,
-                    "nul": raw.count(b"\x00")}
+                    "nul": raw.count(b"\x00"), "split_off": split_off}
 
 
 _worker_sp = None
@@ -103,11 +118,11 @@ def _init_worker(tokenizer_path: str) -> None:
 
 
 def _encode_span(task) -> Tuple[np.ndarray, dict]:
-    path, offset, length, min_tokens, eos_id, dtype = task
+    path, offset, length, min_tokens, eos_id, dtype, holdout = task
     with open(path, "rb") as f:
         f.seek(offset)
         raw = f.read(length)
-    return encode_lines(_worker_sp, raw, min_tokens, eos_id, np.dtype(dtype))
+    return encode_lines(_worker_sp, raw, min_tokens, eos_id, np.dtype(dtype), holdout)
 
 
 def _line_spans(path: Path, size: int, chunk_bytes: int) -> List[Tuple[int, int]]:
@@ -292,7 +307,8 @@ class TokenCache:
 
     def __init__(self, cache_dir: Optional[Path], tokenizer_path, *, min_line_tokens: int = MIN_LINE_TOKENS,
                  eos_id: int = EOS_TOKEN_ID, num_workers: Optional[int] = None,
-                 max_bad_line_fraction: float = MAX_BAD_LINE_FRACTION):
+                 max_bad_line_fraction: float = MAX_BAD_LINE_FRACTION,
+                 holdout: Optional[Tuple[float, bool]] = None):
         self.cache_dir = cache_dir
         self.tokenizer_path = Path(tokenizer_path)
         sp = load_tokenizer(self.tokenizer_path)
@@ -307,9 +323,10 @@ class TokenCache:
         if not 0 <= max_bad_line_fraction <= 1:
             raise ValueError(f"max_bad_line_fraction must be within [0, 1], got {max_bad_line_fraction}")
         self.max_bad_line_fraction = float(max_bad_line_fraction)
-        # The slot for a per-document filter applied at tokenization (held-out validation documents, quality
-        # filters): its name goes into every key, so entries made under another filter are never reused.
-        self.filter_name = ""
+        # The per-document filter applied at tokenization: (fraction, want_held_out) keeps one side of the
+        # validation split. Its name goes into every key, so entries made under another filter are never reused.
+        self.holdout = None if holdout is None else (float(holdout[0]), bool(holdout[1]))
+        self.filter_name = "" if holdout is None else f"holdout={self.holdout[0]!r},{self.holdout[1]}"
 
     def rules_id(self) -> str:
         """What besides the text decides the tokens (for fingerprints that must not hash every file)."""
@@ -373,8 +390,8 @@ class TokenCache:
         remaining = [0] * len(paths)
         for i, _, _ in tasks:
             remaining[i] += 1
-        payloads = [(str(paths[i]), off, length, self.min_line_tokens, self.eos_id, self.token_dtype.name)
-                    for i, off, length in tasks]
+        payloads = [(str(paths[i]), off, length, self.min_line_tokens, self.eos_id, self.token_dtype.name,
+                     self.holdout) for i, off, length in tasks]
         workers = min(self.num_workers, len(tasks))
         sinks, totals, entries = {}, {}, [None] * len(paths)
         from tqdm import tqdm  # here, not at the top: tokenizer workers import this module and never need it
@@ -395,11 +412,12 @@ class TokenCache:
                 if i not in sinks:
                     bin_path = self.cache_dir / f"{keys[i]}.bin" if self.cache_dir is not None else None
                     sinks[i] = _FileSink(bin_path, self.token_dtype)
-                    totals[i] = {"lines": 0, "kept": 0, "short": 0, "bad": 0, "first_bad": None, "nul": 0}
+                    totals[i] = {"lines": 0, "kept": 0, "short": 0, "bad": 0, "first_bad": None, "nul": 0,
+                                 "split_off": 0}
                 tot = totals[i]
                 if st["bad"] and tot["first_bad"] is None:
                     tot["first_bad"] = tot["lines"] + st["first_bad"] + 1  # 1-based line number in the file
-                for k in ("lines", "kept", "short", "bad", "nul"):
+                for k in ("lines", "kept", "short", "bad", "nul", "split_off"):
                     tot[k] += st[k]
                 sinks[i].add(tokens)
                 bar.update(length)

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -63,13 +63,15 @@ class GlobalDataEngine:
         global_batch_size: samples per optimizer step over all ranks; fixed for the run, whatever its world size.
         num_batches: how many global batches the index covers (train.py: --max_steps).
         data_mix: a --data_mix JSON file (see data/sources.py), or None for one source of all files.
+        holdout: (fraction, False) trains only on documents outside the --val_fraction held-out share.
     """
 
     def __init__(self, data_dir, tokenizer_path, micro_batch_size: int, max_length: int, global_batch_size: int,
                  num_batches: int, world_size: Optional[int] = None, rank: Optional[int] = None, seed: int = 42,
                  cache_dir=None, num_workers: Optional[int] = None, device="cpu", *, data_mix=None,
                  min_line_tokens: int = MIN_LINE_TOKENS, eos_id: int = EOS_TOKEN_ID,
-                 show_progress: Optional[bool] = None, max_bad_line_fraction: float = MAX_BAD_LINE_FRACTION):
+                 show_progress: Optional[bool] = None, max_bad_line_fraction: float = MAX_BAD_LINE_FRACTION,
+                 holdout: Optional[Tuple[float, bool]] = None):
         for name, value in (("micro_batch_size", micro_batch_size), ("max_length", max_length),
                             ("global_batch_size", global_batch_size), ("num_batches", num_batches)):
             if not isinstance(value, (int, np.integer)) or value < 1:
@@ -87,8 +89,9 @@ class GlobalDataEngine:
         self.gas = split_global_batch(self.global_batch_size, self.micro_batch_size, self.world_size)
         self.cache_dir = resolve_cache_dir(cache_dir, self.data_dir)
         self.cache = TokenCache(self.cache_dir, tokenizer_path, min_line_tokens=min_line_tokens, eos_id=eos_id,
-                                num_workers=num_workers, max_bad_line_fraction=max_bad_line_fraction)
-        self.vocab_size = self.cache.vocab_size
+                                num_workers=num_workers, max_bad_line_fraction=max_bad_line_fraction,
+                                holdout=holdout)
+        self.vocab_size, self.eos_id = self.cache.vocab_size, self.cache.eos_id
         self.show_progress = (self.rank == 0) if show_progress is None else bool(show_progress)
 
         exclude = [self.cache_dir] if self.cache_dir is not None else []

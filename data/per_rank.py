@@ -56,7 +56,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -98,7 +98,8 @@ class DataEngine:
                  world_size: Optional[int] = None, rank: Optional[int] = None, seed: int = 42,
                  cache_dir=None, num_workers: Optional[int] = None, device="cpu", *,
                  min_line_tokens: int = MIN_LINE_TOKENS, eos_id: int = EOS_TOKEN_ID,
-                 show_progress: Optional[bool] = None, max_bad_line_fraction: float = MAX_BAD_LINE_FRACTION):
+                 show_progress: Optional[bool] = None, max_bad_line_fraction: float = MAX_BAD_LINE_FRACTION,
+                 holdout: Optional[Tuple[float, bool]] = None):
         for name, value in (("micro_batch_size", micro_batch_size), ("max_length", max_length)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -116,7 +117,10 @@ class DataEngine:
         self.world_size, self.rank = resolve_world(world_size, rank)
         self.cache_dir = resolve_cache_dir(cache_dir, self.data_dir)
         self.cache = TokenCache(self.cache_dir, tokenizer_path, min_line_tokens=min_line_tokens, eos_id=eos_id,
-                                num_workers=num_workers, max_bad_line_fraction=max_bad_line_fraction)
+                                num_workers=num_workers, max_bad_line_fraction=max_bad_line_fraction,
+                                holdout=holdout)
+        # (fraction, want_held_out): train on the documents outside a held-out share, or validate on it.
+        self.holdout = self.cache.holdout
         self.tokenizer_path, self.vocab_size = self.cache.tokenizer_path, self.cache.vocab_size
         self.tokenizer_sha256, self.num_workers = self.cache.tokenizer_sha256, self.cache.num_workers
 
@@ -146,7 +150,8 @@ class DataEngine:
         """Same on every rank: all files' names and sizes, the tokenizer and the packing rules (cheap to compute,
         unlike a hash of every file's content, which each rank only takes for its own files)."""
         listing = [(p.relative_to(self.data_dir).as_posix(), p.stat().st_size) for p in self.all_files]
-        blob = json.dumps([listing, self.tokenizer_sha256, self.min_line_tokens, self.eos_id])
+        blob = json.dumps([listing, self.tokenizer_sha256, self.min_line_tokens, self.eos_id]
+                          + ([list(self.holdout)] if self.holdout else []))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def load_data(self) -> "DataEngine":
@@ -179,13 +184,20 @@ class DataEngine:
                     self.sample_length, self.steps_per_epoch,
                     f" (ranks hold {fewest}..{most}; the larger ones use a random subset per epoch)"
                     if most != fewest else "", time.perf_counter() - t0)
+        if self.holdout is not None:
+            logger.info("rank %d: %d line(s) left to the %s side of the %.4g held-out split", self.rank,
+                        sum(st.get("split_off", 0) for st in self.file_stats),
+                        "training" if self.holdout[1] else "validation", self.holdout[0])
         return self
 
     def _load_local(self) -> int:
         """This rank's part of load_data(); returns how many files came from the cache."""
         entries, from_cache = self.cache.load(self.files, show_progress=self.show_progress,
                                               desc=f"tokenizing (rank {self.rank})")
-        unusable = [f"{p} ({e.stats['lines']} lines)" for p, e in zip(self.files, entries) if e.stats["kept"] == 0]
+        # A file may hold no held-out document at all; only the training side needs every file to give text.
+        validation_side = self.holdout is not None and self.holdout[1]
+        unusable = [f"{p} ({e.stats['lines']} lines)" for p, e in zip(self.files, entries)
+                    if e.stats["kept"] == 0 and not validation_side]
         if unusable:
             raise ValueError(f"no line of at least {self.min_line_tokens} tokens (EOS included) in: "
                              + "; ".join(unusable) + ". Remove these files or give them real text.")
@@ -213,6 +225,16 @@ class DataEngine:
             self._order = rng.permutation(self.num_samples)[: self.steps_per_epoch * self.micro_batch_size]
             self._order_epoch = epoch
         return self._order
+
+    def sample_array(self, index: int) -> np.ndarray:
+        """The int64 [max_length + 1] sample `index` of this rank's stream in stream order (no shuffling): the
+        fixed held-out set of training/validation.py."""
+        self._require_loaded()
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"sample {index} of {self.num_samples}")
+        out = np.empty(self.sample_length, dtype=np.int64)
+        self._stream.read(index * self.sample_length, out)
+        return out
 
     def batch_array(self, step: int) -> np.ndarray:
         """The int64 [micro_batch_size, max_length + 1] batch served at `step` (0-based), without moving on."""

@@ -289,15 +289,16 @@ def test_bad_checkpoint_folders_are_clear_errors(runs, workdir):
     assert resolve_checkpoint_tag(half) == "step2"
     damaged = _copy_run(runs[3], workdir / "damaged", ["step3"], latest="step3",
                         drop_file="zero_pp_rank_1_mp_rank_00_optim_states.pt")
-    with pytest.raises(RuntimeError, match="marked complete but DeepSpeed cannot read it"):
+    with pytest.raises(ValueError, match=r"zero_pp_rank_1_mp_rank_00_optim_states.pt is missing: it was written when "
+                                         r"step3 was sealed"):
         convert_checkpoint.convert(damaged, out)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         convert_checkpoint.convert(workdir / "nowhere", out)
     other = workdir / "other-config.json"
     other.write_text(json.dumps(dict(json.loads((ROOT / "config" / "model" / "tiny.json").read_text()),
                                      intermediate_size=128)))
-    with pytest.raises(ValueError, match=r"weights do not fit its model config: wrong shapes: model.layers.0.mlp"
-                                         r".down_proj.weight \(64, 176\) \(config wants \(64, 128\)\)"):
+    with pytest.raises(ValueError, match=r"records its model config; --model_config .*other-config.json differs: "
+                                         r"model.intermediate_size: checkpoint 176, --model_config 128"):
         convert_checkpoint.convert(runs[2], out, model_config=str(other))
     with pytest.raises(FileNotFoundError, match="--tokenizer_path .*missing.model: no such file"):
         convert_checkpoint.convert(runs[2], out, tokenizer_path=str(workdir / "missing.model"))
@@ -514,3 +515,20 @@ def test_plot_loss_bad_metrics_are_clear_errors(workdir, capsys):
     with pytest.raises(SystemExit, match=r"--x tokens: .*run_config.json is missing"):
         plot_loss.main([str(bad), "-o", str(workdir / "x.png"), "--x", "tokens"])
     assert not (workdir / "x.png").exists()
+
+
+def test_evaluate_ppl_reads_a_checkpoint_tag_through_the_export(runs, exported, workdir):
+    """evaluate_ppl on train.py's checkpoint folder and a tag gives the curve of the folder exported from it."""
+    from evaluation import evaluate_ppl
+
+    book = workdir / "ppl-book.txt"
+    book.write_text("the quick brown fox jumps over the lazy dog, " * 40 + "\n", encoding="utf-8")
+    curves = {}
+    for name, model in (("checkpoint", [str(runs[2]), "--tag", "step3"]), ("folder", [str(exported[2])])):
+        curves[name] = evaluate_ppl.main(["--model", *model, "--data", str(book), "--lengths", "48", "--bucket", "16",
+                                          "--modes", "whole", "--device", "cpu",
+                                          "--output_dir", str(workdir / f"ppl-{name}")])[0]
+    assert curves["checkpoint"]["model"] == "zero2@step3"
+    assert curves["checkpoint"]["tokens"] == curves["folder"]["tokens"] == 47
+    for a, b in zip(curves["checkpoint"]["buckets"], curves["folder"]["buckets"]):
+        assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
