@@ -35,6 +35,9 @@ import torch.distributed as dist
 
 logger = logging.getLogger("recovery")
 
+# The global order's sample index covers --max_steps batches and these: skipped steps and rolled-back batches
+# use data without making a step, so a run may skip this many in all before the index runs out (an error).
+SPARE_BATCHES = 1000
 SKIP_FILE = "skipped_batches.json"  # data ranges stepped over after a spike; outlives the rollback it causes
 SHM_DIR = Path("/dev/shm")
 EXIT_HANG = 3  # the watchdog's exit status
@@ -122,16 +125,6 @@ def read_complete_info(save_dir: Path, tag: Optional[str]) -> dict:
     return json.loads((Path(save_dir) / tag / "complete.json").read_text(encoding="utf-8"))
 
 
-def check_world_size(info: dict, tag: str, world: int) -> None:
-    """Refuse a resume on another number of ranks: each rank's data position is its own until the data state
-    is world-size independent, so training on would repeat or drop samples."""
-    saved = info.get("world_size")
-    if saved is not None and saved != world:
-        raise ValueError(f"checkpoint {tag} was written by {saved} ranks but this run has {world}: the per-rank "
-                         f"data positions cannot be mapped onto another number of ranks. Restart on {saved} ranks "
-                         f"(with torchrun, --nnodes MIN:MAX only restarts on the same total here).")
-
-
 def schedule_length(max_steps: int, saved: Optional[int], keep: bool) -> int:
     """The learning-rate schedule's length on resume: --max_steps, or with `keep` the checkpoint's own."""
     if saved is None or saved == max_steps:
@@ -172,9 +165,14 @@ def check_skip_supported(engine) -> None:
                          "the weights; remove it so that non-finite steps are skipped")
 
 
-def batch_sources(data, data_step: int) -> List[str]:
-    """The files the rows of this rank's batch `data_step` were packed from."""
-    epoch, position = divmod(data_step, data.steps_per_epoch)
+def batch_sources(data, micro_step: int) -> List[str]:
+    """The files (or sources) the rows of this rank's micro-batch `micro_step` were packed from."""
+    if hasattr(data, "sample_ids"):  # the global order: sample ids index the sources' concatenation
+        import numpy as np
+
+        ids = data.sample_ids(micro_step)
+        return sorted({str(data.sources[s].name) for s in np.searchsorted(data.offsets, ids, side="right") - 1})
+    epoch, position = divmod(micro_step, data.steps_per_epoch)
     mbs, length = data.micro_batch_size, data.sample_length
     ends, total = [], 0
     for st in data.file_stats:
@@ -196,26 +194,30 @@ class NonFiniteGuard:
     def __init__(self, max_consecutive: int):
         self.max_consecutive, self.consecutive = max_consecutive, 0
 
-    def after_step(self, engine, skipped_before: int, step: int, data, data_start: int, local_losses) -> bool:
-        """Call after the accumulation boundary's engine.step(); True when DeepSpeed discarded the update."""
+    def after_step(self, engine, skipped_before: int, step: int, data, data_start: int, local_losses,
+                   micro_start: int) -> bool:
+        """Call after the accumulation boundary's engine.step(); True when DeepSpeed discarded the update.
+        `data_start` is the data position before the step, `micro_start` the engine's micro-batch count then."""
         if engine.skipped_steps == skipped_before:
             self.consecutive = 0
             return False
         self.consecutive += 1
         bad_here = [i for i, v in enumerate(local_losses) if not math.isfinite(v)]
         logger.warning("step %d: non-finite loss or gradient norm; update skipped (%d in a row, %d in all), data "
-                       "batches %d-%d", step + 1, self.consecutive, engine.skipped_steps, data_start, data.step - 1)
+                       "position %d-%d", step + 1, self.consecutive, engine.skipped_steps, data_start,
+                       data_position(data) - 1)
         if self.consecutive >= self.max_consecutive:
             # Every rank says which of its batches went bad; the error names them all.
             mine = {"rank": dist.get_rank(), "nonfinite_micro_batches": bad_here,
-                    "files": sorted({f for b in range(data_start, data.step) for f in batch_sources(data, b)})}
+                    "files": sorted({f for b in range(micro_start, data.step) for f in batch_sources(data, b)})}
             everyone = [None] * dist.get_world_size()
             dist.all_gather_object(everyone, mine)
             culprits = [r for r in everyone if r["nonfinite_micro_batches"]] or everyone
             detail = "; ".join(f"rank {r['rank']}: {', '.join(r['files'])}" for r in culprits)
             raise NonFiniteError(
                 f"{self.consecutive} consecutive steps had a non-finite loss or gradient norm (--max_skipped_steps "
-                f"{self.max_consecutive}); stopped at step {step + 1}, data position {data_start}-{data.step - 1} "
+                f"{self.max_consecutive}); stopped at step {step + 1}, data position {data_start}-"
+                f"{data_position(data) - 1} "
                 f"(epoch {data.epoch}); source files of the last batch: {detail}. The last complete checkpoint "
                 f"stays the resume point.")
         return True
@@ -259,8 +261,28 @@ class SpikeDetector:
         return True
 
 
+def data_position(data) -> int:
+    """Where the data stands between optimizer steps, the same on every rank: global samples consumed under the
+    global order (independent of the world size), batches served per rank under the per-rank order."""
+    return data.global_samples if hasattr(data, "global_samples") else data.step
+
+
+def batch_number(data, gas: int) -> int:
+    """The number of the global batch the next optimizer step trains on (for the test hooks)."""
+    if hasattr(data, "global_samples"):
+        return data.global_samples // data.global_batch_size
+    return data.step // gas
+
+
+def set_data_position(data, position: int) -> None:
+    state = data.state_dict()
+    state["global_samples" if hasattr(data, "global_samples") else "step"] = position
+    data.load_state_dict(state)
+
+
 def load_skips(save_dir: Path) -> List[List[int]]:
-    """[start, end) ranges of data steps that every later run steps over (written when a spike rolled back)."""
+    """[start, end) ranges of data positions (data_position) that every later run steps over (written when a spike
+    rolled back)."""
     path = Path(save_dir) / SKIP_FILE
     if not path.is_file():
         return []
@@ -283,12 +305,10 @@ def add_skip(save_dir: Path, start: int, end: int) -> None:
 
 
 def step_over_skips(data, ranges) -> None:
-    """Move the data position past any skipped range it stands in (before fetching a batch)."""
+    """Move the data position past any skipped range it stands in (between optimizer steps)."""
     for start, end in sorted(ranges):
-        if start <= data.step < end:
-            state = data.state_dict()
-            state["step"] = end
-            data.load_state_dict(state)
+        if start <= data_position(data) < end:
+            set_data_position(data, end)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,7 +416,8 @@ def _hook(name: str) -> dict:
 
 
 def apply_test_hooks(loss: torch.Tensor, data_step: int, rank: int):
-    """Apply the test hooks to micro-batch `data_step`'s loss: NAN makes it NaN (so the gradients are too), SPIKE
+    """Apply the test hooks to the loss of global batch number `data_step` (batch_number): NAN makes it NaN (so
+    the gradients are too), SPIKE
     adds 100 to the value the detector sees only, HANG sleeps forever. Returns (loss, spike offset)."""
     attempt = restart_count() or 0
     for name in ("NAN", "SPIKE", "HANG"):

@@ -1,10 +1,11 @@
-"""Pretrain the baichuan-7B architecture with DeepSpeed ZeRO over per-rank text shards.
+"""Pretrain the baichuan-7B architecture with DeepSpeed ZeRO on a folder of text (data path: data/).
 
     deepspeed --hostfile config/hostfile train.py --deepspeed --deepspeed_config config/deepspeed.json \
         --data_dir data_dir --model_config 7b --max_steps 100000
 
-The DeepSpeed config owns micro-batch size, gradient accumulation, optimizer, schedule and precision; this
-file owns the model, the data and the loop. Reads top to bottom: arguments, distributed init, data, model and
+The DeepSpeed config owns micro-batch size, global batch, optimizer, schedule and precision (accumulation is
+global / (micro x world), so a run keeps its global batch on any world size); this file owns the model, the
+data and the loop. Reads top to bottom: arguments, distributed init, data, model and
 engine, resume, loop (batch, forward, backward, step, log, save).
 """
 import argparse
@@ -20,11 +21,11 @@ import torch
 import torch.distributed as dist
 from transformers.modeling_utils import no_init_weights
 
-from checkpointing import (check_folder_config, load_folder_weights, open_tag, point_latest, resolve_resume_tag,
-                           save_checkpoint)
+from checkpointing import (check_folder_config, load_folder_weights, open_tag, point_latest, prepare_resume,
+                           resolve_resume_tag, save_checkpoint, universal_client_state)
 from common import HelpFormatter, all_ranks_ok, read_json, run_cli, write_atomic
 import recovery
-from data_utils import DataEngine
+from data import DATA_ORDERS, make_engine, split_global_batch
 from models.configuration_baichuan import BaiChuanConfig
 from models.flops import flops_per_token, peak_tflops_for
 from models.kernels import compile_decoder_layers
@@ -39,8 +40,8 @@ from training.validation import build_validation, check_val_args
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data_dir", default="data_dir", help="folder of UTF-8 text shards, one document per line; "
-                   "at least as many files as ranks")
+    p.add_argument("--data_dir", default="data_dir", help="folder of UTF-8 text files, one document per line "
+                   "(searched recursively; sub-folders can be --data_mix sources)")
     p.add_argument("--tokenizer_path", default="tokenizer.model", help="SentencePiece model file")
     p.add_argument("--max_length", type=int, default=4096, help="tokens per training sequence (context length)")
     p.add_argument("--save_every", "--steps_per_epoch", dest="save_every", type=int, default=2000,
@@ -73,6 +74,16 @@ def parse_args():
                    help="device peak TFLOPS for MFU (default: known for A100/A800/H100/H200, else MFU is null)")
     p.add_argument("--num_workers", type=int, default=None, help="tokenizer processes per rank")
     p.add_argument("--cache_dir", default=None, help="tokenized-shard cache (default <data_dir>/.cache)")
+    p.add_argument("--data_order", default="global", choices=DATA_ORDERS,
+                   help="global: batches fixed by data, seed, mixture and global batch, on any number of ranks "
+                        "(resumable on another world size); per_rank: the reference's file-per-rank order")
+    p.add_argument("--data_mix", default=None, help="JSON file of weighted sources under --data_dir (see "
+                   "docs/data.md); default: all files as one source")
+    p.add_argument("--allow_data_change", action="store_true", help="on resume, continue from the saved global "
+                   "sample count even if the mixture, seed, sequence length, global batch or files changed (the "
+                   "same as --allow_config_change data)")
+    p.add_argument("--max_bad_line_fraction", type=float, default=0.5, help="refuse a data file with NUL bytes or "
+                   "more undecodable lines than this share (1 = tokenize anything)")
     p.add_argument("--dist_timeout_minutes", type=int, default=30,
                    help="a collective that waits longer than this fails instead of hanging")
     p.add_argument("--val_dir", default=None, help="folder of held-out text shards for the validation loss")
@@ -181,8 +192,6 @@ def main():
             print(f"already complete: {save_dir / resume_tag} is at step {resumed_info['step']} "
                   f"(--max_steps {args.max_steps})", flush=True)
         return
-    if resume_tag:
-        recovery.check_world_size(resumed_info, resume_tag, world)
     ds_config = load_ds_config(args, resumed_info.get("schedule_steps"))
     schedule_steps = ds_config.get("scheduler", {}).get("params", {}).get("total_num_steps")
     micro_bs = ds_config.get("train_micro_batch_size_per_gpu", 1)
@@ -191,9 +200,19 @@ def main():
     # ---- data ------------------------------------------------------------------------------------------
     error = None
     try:
-        data = DataEngine(args.data_dir, args.tokenizer_path, micro_bs, args.max_length, world_size=world,
-                          rank=rank, seed=args.seed, cache_dir=args.cache_dir, num_workers=args.num_workers,
-                          device=device, holdout=None if args.val_fraction is None else (args.val_fraction, False))
+        # The global batch is the run's: from the config, else the checkpoint's, so a resume on another world
+        # size keeps it and changes only the accumulation.
+        saved = read_json(save_dir / resume_tag / "complete.json", "checkpoint") if resume_tag else {}
+        global_bs = ds_config.get("train_batch_size") or saved.get("global_batch_size") or \
+            micro_bs * ds_config.get("gradient_accumulation_steps", 1) * world
+        ds_config.update(train_batch_size=global_bs,
+                         gradient_accumulation_steps=split_global_batch(global_bs, micro_bs, world))
+        data = make_engine(args.data_order, data_dir=args.data_dir, tokenizer_path=args.tokenizer_path,
+                           micro_batch_size=micro_bs, max_length=args.max_length, global_batch_size=global_bs,
+                           num_batches=args.max_steps + recovery.SPARE_BATCHES, world_size=world, rank=rank, seed=args.seed,
+                           cache_dir=args.cache_dir, num_workers=args.num_workers, device=device,
+                           data_mix=args.data_mix, max_bad_line_fraction=args.max_bad_line_fraction,
+                           holdout=None if args.val_fraction is None else (args.val_fraction, False))
     except (OSError, ValueError) as e:
         error = e
     all_ranks_ok(error, "opening the data")
@@ -226,6 +245,8 @@ def main():
     if config.vocab_size < data.vocab_size:
         raise ValueError(f"tokenizer {args.tokenizer_path} has {data.vocab_size} pieces but the model's "
                          f"vocab_size is {config.vocab_size}")
+    # --allow_data_change is the resume table's "data" group.
+    allowed_changes = args.allow_config_change + (["data"] if args.allow_data_change else [])
     settings = run_settings(config, ds_config, args.seed, args.max_length, world, args.tokenizer_path,
                             getattr(data, "fingerprint", None))
     if resume_tag:
@@ -235,7 +256,7 @@ def main():
         try:
             stored = open_tag(save_dir, resume_tag)
             allowed = compare_settings(stored_settings(stored), settings,
-                                       args.allow_config_change, where=str(save_dir / resume_tag))
+                                       allowed_changes, where=str(save_dir / resume_tag))
             if allowed and rank == 0:
                 logging.warning("resuming with changed settings (allowed): %s", "; ".join(allowed))
         except (OSError, ValueError) as e:
@@ -262,6 +283,8 @@ def main():
             raise ValueError("--torch_compile is supported with ZeRO stages 0-2, not with ZeRO-3 "
                              f"({args.deepspeed_config})")
         compile_decoder_layers(model)
+    if resume_tag:  # another world size than the checkpoint's: re-partition through a universal checkpoint
+        load_dir, load_tag = prepare_resume(save_dir, resume_tag, world, ds_config)
     # The config's scheduler section drives our LambdaLR, so step k trains at the schedule's value for k.
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
                                            lr_scheduler=lr_scheduler_factory(ds_config))
@@ -273,12 +296,12 @@ def main():
     guard = recovery.NonFiniteGuard(args.max_skipped_steps)
     skips = recovery.load_skips(save_dir)  # data ranges stepped over after spikes, [start, end)
 
-    def resume(tag) -> int:
+    def resume(tag, load_dir=None, load_tag=None) -> int:
         step = 0
         if tag:
-            _, client = engine.load_checkpoint(str(save_dir), tag=tag)
+            _, client = engine.load_checkpoint(str(load_dir or save_dir), tag=load_tag or tag)
             step = client["step"]
-            data.load_state_dict(client["data"])
+            data.load_state_dict(client["data"], allow_data_change="data" in allowed_changes)
             skips.extend(r for r in client.get("skipped_batches", []) if r not in skips)
             recovery.set_schedule_length(engine, schedule_steps)
             if rank == 0:
@@ -287,7 +310,7 @@ def main():
         metrics.truncate_after(step)
         return step
 
-    step = resume(resume_tag)
+    step = resume(resume_tag, *((load_dir, load_tag) if resume_tag else ()))
     if rank == 0:
         # Only now, with every check passed: a launch refused above leaves the record of the run as it was.
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -315,10 +338,11 @@ def main():
     def save(tag_step: int):
         tag = f"step{tag_step}"
         client = {"step": tag_step, "data": data.state_dict(), "model_config": config.to_dict(),
-                  "skipped_batches": skips, "run_settings": settings}
+                  "skipped_batches": skips, "run_settings": settings, **universal_client_state()}
         # The tag carries its tokenizer: an export takes it from there, whatever later launches record.
-        save_checkpoint(engine, save_dir, tag, client,
-                        {"step": tag_step, "world_size": world, "schedule_steps": schedule_steps},
+        save_checkpoint(engine, save_dir, tag, client, {"step": tag_step, "world_size": world,
+                                                        "global_batch_size": global_bs,
+                                                        "schedule_steps": schedule_steps},
                         files={"tokenizer.model": args.tokenizer_path})
         if rank == 0:
             print(f"saved checkpoint {save_dir / tag}", flush=True)
@@ -339,29 +363,31 @@ def main():
     while step < args.max_steps:
         lr = engine.get_lr()[0]  # what this step's optimizer update uses (the scheduler moves after it)
         recovery.step_over_skips(data, skips)
-        data_start, skipped_before, losses, spike_offset = data.step, engine.skipped_steps, [], 0.0
+        data_start, micro_start = recovery.data_position(data), data.step
+        skipped_before, losses, spike_offset = engine.skipped_steps, [], 0.0
+        hook_batch = recovery.batch_number(data, gas)
         for _ in range(gas):
-            data_step = data.step
             batch = data.get_data()  # [micro_bs, max_length + 1]
             # The model shifts: max_length predictions per row.
             inputs = document_inputs(batch, data.eos_id) if args.document_mask else {"labels": batch}
             loss = engine(batch, **inputs).loss
-            loss, offset = recovery.apply_test_hooks(loss, data_step, rank)
+            loss, offset = recovery.apply_test_hooks(loss, hook_batch, rank)
             spike_offset += offset / gas
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             losses.append(loss.detach().float())
-        if guard.after_step(engine, skipped_before, step, data, data_start, losses):
+        if guard.after_step(engine, skipped_before, step, data, data_start, losses, micro_start):
             watchdog.beat()  # DeepSpeed discarded the update: `step` and the schedule stay, the data moved on
             continue
         step_loss = sum(losses) / gas
-        spike = spikes.check(step_loss + spike_offset, step + 1, [data_start, data.step], metrics.path)
+        data_end = recovery.data_position(data)
+        spike = spikes.check(step_loss + spike_offset, step + 1, [data_start, data_end], metrics.path)
         if spike and args.rollback_on_spike and (save_dir / "latest").is_file():
             # Back to the last complete checkpoint, and from now on past this step's batches.
             if rank == 0:
-                recovery.add_skip(save_dir, data_start, data.step)
+                recovery.add_skip(save_dir, data_start, data_end)
             dist.barrier()
-            skips.append([data_start, data.step])
+            skips.append([data_start, data_end])
             step = resume(resolve_resume_tag(save_dir, "auto"))
             spikes = recovery.SpikeDetector(args.spike_window, args.spike_k)
             window_loss.zero_()
@@ -385,7 +411,9 @@ def main():
                            "grad_norm": None if grad_norm is None else float(grad_norm),
                            "tokens_per_sec": tokens_per_sec, "tflops": tflops,
                            "mfu": tflops / peak if peak else None, "epoch": data.epoch,
-                           "skipped_steps": engine.skipped_steps, "time": time.time()})
+                           "skipped_steps": engine.skipped_steps, "time": time.time(),
+                           **({"tokens_by_source": data.tokens_by_source()}
+                              if hasattr(data, "tokens_by_source") else {})})
             window_loss.zero_()
             window_steps, t0 = 0, time.perf_counter()
 
