@@ -18,8 +18,7 @@ How: DeepSpeed's own ``zero_to_fp32`` rebuilds the fp32 master weights from ever
 Memory: ZeRO-3 partitions are memory-mapped and each weight is gathered on its own, then written shard by shard,
 so the peak is about one output shard; ZeRO-2 partitions are concatenated by DeepSpeed into one flat vector,
 i.e. the consolidated fp32 weights once (28 GB for 7B). The model config comes from the checkpoint itself
-(train.py stores it as client state), with training-only fields reset: ``loss_chunk_size`` 0, ``use_cache``
-true, attention / norm kernels "auto".
+(train.py stores it as client state), with ``use_cache`` turned back on.
 
 Only complete checkpoints are exported: a tag without ``complete.json`` (a job killed while saving) is refused.
 """
@@ -80,11 +79,9 @@ def read_client_state(tag_dir: Path) -> dict:
 
 def export_config(model_config: dict, dtype: torch.dtype) -> BaiChuanConfig:
     config = BaiChuanConfig.from_dict(dict(model_config))
-    # Training-only choices: the exported model computes plain logits, caches keys/values when generating and
-    # picks its kernels on the machine that loads it.
-    config.loss_chunk_size = 0
+    # train.py turns the cache off; the exported model caches keys/values when generating. Run settings that
+    # older checkpoints recorded (kernels, loss chunk) were dropped by BaiChuanConfig on the way in.
     config.use_cache = True
-    config.attention_backend = config.norm_backend = "auto"
     config.architectures = ["BaiChuanForCausalLM"]
     config.dtype = dtype
     return config
