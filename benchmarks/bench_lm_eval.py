@@ -3,7 +3,9 @@ questions, in one run: wall time of each and per-question agreement (prediction,
 
 The model is a random tiny baichuan-architecture model (context 4096, so every prompt fits) written both as
 this project's folder (scored by evaluate_mmlu.py / evaluate_zh.py) and as a Llama folder (llama_export.py,
-scored by lm-eval's Hugging Face backend with ``add_bos_token=False``). Both on the CPU, float32, batch 16.
+scored by lm-eval's Hugging Face backend with ``add_bos_token=False``). Both on the CPU, float32; batches of 16
+questions for ours, 4 for lm-eval (it computes the 64000-word log-softmax at every position of every choice, so
+its batches of 16 need several GB).
 Needs the extra: ``pip install -e ".[lmeval]"``.
 
     python benchmarks/bench_lm_eval.py                         # 4 subjects per benchmark x 20 questions
@@ -58,7 +60,7 @@ def theirs(tasks, folder, max_questions):
     start = time.perf_counter()
     results = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={folder},add_bos_token=False,dtype=float32", tasks=tasks,
-        limit=max_questions or None, log_samples=True, device="cpu", batch_size=16,
+        limit=max_questions or None, log_samples=True, device="cpu", batch_size=4,
         task_manager=TaskManager(include_path=str(HERE)))
     seconds = time.perf_counter() - start
     probs = {}
