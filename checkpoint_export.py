@@ -39,7 +39,7 @@ import torch
 
 import llama_export
 from checkpointing import resolve_checkpoint_tag
-from common import REPO_ROOT as ROOT
+from common import REPO_ROOT as ROOT, HelpFormatter
 from models.configuration_baichuan import BaiChuanConfig
 from models.modeling_baichuan import BaiChuanForCausalLM
 from models.tokenization_baichuan import BaiChuanTokenizer
@@ -48,7 +48,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("checkpoint_dir", help="train.py's --checkpoint_saving_path (the folder holding `latest` and "
                    "the step<N> tags)")
     p.add_argument("output_dir", help="Hugging Face model folder to write")

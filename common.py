@@ -1,4 +1,5 @@
 """Small helpers shared by training, evaluation, scripts, benchmarks and tests: one home for each."""
+import argparse
 import json
 import os
 import socket
@@ -110,3 +111,16 @@ def all_ranks_ok(error: Optional[BaseException], where: str) -> None:
         raise error
     if flag.item():
         raise RuntimeError(f"{where} failed on {flag.item()} other rank(s); see their error above")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the module docstring's layout and shows every flag's default."""
+
+
+def run_cli(main, *args):
+    """Run an entry point; Ctrl-C ends it with one line and exit status 130 instead of a traceback per process."""
+    try:
+        return main(*args)
+    except KeyboardInterrupt:
+        print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130)

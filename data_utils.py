@@ -160,17 +160,28 @@ def load_tokenizer(tokenizer_path: Union[str, Path]) -> spm.SentencePieceProcess
     return sp
 
 
-def encode_lines(sp, raw: bytes, min_tokens: int, eos_id: int, dtype) -> Tuple[np.ndarray, dict]:
+def is_held_out(text: str, fraction: float) -> bool:
+    """Whether a document (a stripped line) belongs to the held-out validation share `fraction`: decided by a
+    hash of its content alone, so the split does not move when files are added, renamed or spread over
+    another number of ranks."""
+    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+    return h < fraction * 2 ** 64
+
+
+def encode_lines(sp, raw: bytes, min_tokens: int, eos_id: int, dtype,
+                 holdout: Optional[Tuple[float, bool]] = None) -> Tuple[np.ndarray, dict]:
     """Tokenize the lines of `raw` (bytes ending on a line boundary) -> (flat token array, line statistics).
 
     A kept line contributes its ids plus EOS; a line is kept when that count is at least `min_tokens`.
     Undecodable bytes become U+FFFD; `bad` counts those lines and `first_bad` is the first one's index in `raw`.
+    ``holdout=(fraction, want_held_out)`` keeps only the lines on one side of the validation split
+    (``is_held_out``); `split_off` counts the lines left to the other side.
     """
     lines = raw.split(b"\n")  # safe on UTF-8: byte 0x0A never occurs inside a multi-byte character
     if lines and lines[-1] == b"":
         lines.pop()  # the text after the final newline is a line only if it is not empty
     encode = sp.EncodeAsIds
-    kept, n_tokens, short, bad, first_bad = [], 0, 0, 0, -1
+    kept, n_tokens, short, bad, first_bad, split_off = [], 0, 0, 0, -1, 0
     for i, line in enumerate(lines):
         try:
             text = line.decode("utf-8")
@@ -179,7 +190,11 @@ def encode_lines(sp, raw: bytes, min_tokens: int, eos_id: int, dtype) -> Tuple[n
             bad += 1
             if first_bad < 0:
                 first_bad = i
-        ids = encode(text.strip())
+        text = text.strip()
+        if holdout is not None and is_held_out(text, holdout[0]) != holdout[1]:
+            split_off += 1
+            continue
+        ids = encode(text)
         if len(ids) + 1 < min_tokens:
             short += 1
             continue
@@ -187,7 +202,8 @@ def encode_lines(sp, raw: bytes, min_tokens: int, eos_id: int, dtype) -> Tuple[n
         kept.append(ids)
         n_tokens += len(ids)
     tokens = np.fromiter(chain.from_iterable(kept), dtype=dtype, count=n_tokens)
-    return tokens, {"lines": len(lines), "kept": len(kept), "short": short, "bad": bad, "first_bad": first_bad}
+    return tokens, {"lines": len(lines), "kept": len(kept), "short": short, "bad": bad, "first_bad": first_bad,
+                    "split_off": split_off}
 
 
 _worker_sp = None
@@ -200,11 +216,11 @@ def _init_worker(tokenizer_path: str) -> None:
 
 
 def _encode_span(task) -> Tuple[np.ndarray, dict]:
-    path, offset, length, min_tokens, eos_id, dtype = task
+    path, offset, length, min_tokens, eos_id, dtype, holdout = task
     with open(path, "rb") as f:
         f.seek(offset)
         raw = f.read(length)
-    return encode_lines(_worker_sp, raw, min_tokens, eos_id, np.dtype(dtype))
+    return encode_lines(_worker_sp, raw, min_tokens, eos_id, np.dtype(dtype), holdout)
 
 
 def _line_spans(path: Path, size: int, chunk_bytes: int) -> List[Tuple[int, int]]:
@@ -381,7 +397,7 @@ class DataEngine:
                  world_size: Optional[int] = None, rank: Optional[int] = None, seed: int = 42,
                  cache_dir=None, num_workers: Optional[int] = None, device="cpu", *,
                  min_line_tokens: int = MIN_LINE_TOKENS, eos_id: int = EOS_TOKEN_ID,
-                 show_progress: Optional[bool] = None):
+                 show_progress: Optional[bool] = None, holdout: Optional[Tuple[float, bool]] = None):
         for name, value in (("micro_batch_size", micro_batch_size), ("max_length", max_length)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -396,6 +412,8 @@ class DataEngine:
         self.sample_length = self.max_length + 1
         self.seed, self.device = int(seed), device
         self.min_line_tokens, self.eos_id = int(min_line_tokens), int(eos_id)
+        # (fraction, want_held_out): train on the documents outside a held-out share, or validate on it.
+        self.holdout = None if holdout is None else (float(holdout[0]), bool(holdout[1]))
         self.world_size, self.rank = _resolve_world(world_size, rank)
 
         self.tokenizer_path = Path(tokenizer_path)
@@ -435,11 +453,14 @@ class DataEngine:
         """Same on every rank: all files' names and sizes, the tokenizer and the packing rules (cheap to compute,
         unlike a hash of every file's content, which each rank only takes for its own files)."""
         listing = [(p.relative_to(self.data_dir).as_posix(), p.stat().st_size) for p in self.all_files]
-        blob = json.dumps([listing, self.tokenizer_sha256, self.min_line_tokens, self.eos_id])
+        blob = json.dumps([listing, self.tokenizer_sha256, self.min_line_tokens, self.eos_id]
+                          + ([list(self.holdout)] if self.holdout else []))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def _cache_key(self, path: Path) -> str:
         blob = f"{CACHE_FORMAT}|{_sha256_file(path)}|{self.tokenizer_sha256}|{self.min_line_tokens}|{self.eos_id}"
+        if self.holdout is not None:
+            blob += f"|holdout={self.holdout[0]!r},{self.holdout[1]}"
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     def load_data(self) -> "DataEngine":
@@ -472,6 +493,10 @@ class DataEngine:
                     self.sample_length, self.steps_per_epoch,
                     f" (ranks hold {fewest}..{most}; the larger ones use a random subset per epoch)"
                     if most != fewest else "", time.perf_counter() - t0)
+        if self.holdout is not None:
+            logger.info("rank %d: %d line(s) left to the %s side of the %.4g held-out split", self.rank,
+                        sum(st.get("split_off", 0) for st in self.file_stats),
+                        "training" if self.holdout[1] else "validation", self.holdout[0])
         return self
 
     def _load_local(self) -> int:
@@ -490,7 +515,10 @@ class DataEngine:
         if todo:
             self._tokenize(todo, keys, arrays, stats)
 
-        unusable = [f"{self.files[i]} ({stats[i]['lines']} lines)" for i in range(n) if stats[i]["kept"] == 0]
+        # A file may hold no held-out document at all; only the training side needs every file to give text.
+        validation_side = self.holdout is not None and self.holdout[1]
+        unusable = [f"{self.files[i]} ({stats[i]['lines']} lines)" for i in range(n)
+                    if stats[i]["kept"] == 0 and not validation_side]
         if unusable:
             raise ValueError(f"no line of at least {self.min_line_tokens} tokens (EOS included) in: "
                              + "; ".join(unusable) + ". Remove these files or give them real text.")
@@ -518,7 +546,8 @@ class DataEngine:
         remaining = {i: 0 for i in todo}
         for i, _, _ in tasks:
             remaining[i] += 1
-        payloads = [(str(self.files[i]), off, length, self.min_line_tokens, self.eos_id, self.token_dtype.name)
+        payloads = [(str(self.files[i]), off, length, self.min_line_tokens, self.eos_id, self.token_dtype.name,
+                     self.holdout)
                     for i, off, length in tasks]
         workers = min(self.num_workers, len(tasks))
         sinks, totals = {}, {}
@@ -541,11 +570,12 @@ class DataEngine:
                 if i not in sinks:
                     bin_path = self.cache_dir / f"{keys[i]}.bin" if self.cache_dir is not None else None
                     sinks[i] = _FileSink(bin_path, self.token_dtype)
-                    totals[i] = {"lines": 0, "kept": 0, "short": 0, "bad": 0, "first_bad": None}
+                    totals[i] = {"lines": 0, "kept": 0, "short": 0, "bad": 0, "first_bad": None,
+                                 "split_off": 0}
                 tot = totals[i]
                 if st["bad"] and tot["first_bad"] is None:
                     tot["first_bad"] = tot["lines"] + st["first_bad"] + 1  # 1-based line number in the file
-                for k in ("lines", "kept", "short", "bad"):
+                for k in ("lines", "kept", "short", "bad", "split_off"):
                     tot[k] += st[k]
                 sinks[i].add(tokens)
                 bar.update(length)
@@ -582,6 +612,16 @@ class DataEngine:
             self._order = rng.permutation(self.num_samples)[: self.steps_per_epoch * self.micro_batch_size]
             self._order_epoch = epoch
         return self._order
+
+    def sample_array(self, index: int) -> np.ndarray:
+        """The int64 [max_length + 1] sample `index` of this rank's stream in stream order (no shuffling): the
+        fixed held-out set of training/validation.py."""
+        self._require_loaded()
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"sample {index} of {self.num_samples}")
+        out = np.empty(self.sample_length, dtype=np.int64)
+        self._stream.read(index * self.sample_length, out)
+        return out
 
     def batch_array(self, step: int) -> np.ndarray:
         """The int64 [micro_batch_size, max_length + 1] batch served at `step` (0-based), without moving on."""

@@ -10,32 +10,38 @@ engine, resume, loop (batch, forward, backward, step, log, save).
 import argparse
 import json
 import logging
-import math
 import time
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
+from transformers.modeling_utils import no_init_weights
 
 from checkpointing import check_folder_config, load_folder_weights, mark_complete, resolve_resume_tag
-from common import all_ranks_ok, read_json, write_atomic
+from common import HelpFormatter, all_ranks_ok, read_json, run_cli, write_atomic
 from data_utils import DataEngine
 from models.configuration_baichuan import BaiChuanConfig
 from models.flops import flops_per_token, peak_tflops_for
 from models.kernels import compile_decoder_layers
 from models.modeling_baichuan import BaiChuanForCausalLM
+from training.documents import document_inputs
+from training.eval_tasks import EvalTasks, parse_eval_tasks
+from training.metrics import MetricsLog
+from training.schedule import lr_scheduler_factory
+from training.validation import build_validation, check_val_args
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_dir", default="data_dir", help="folder of UTF-8 text shards, one document per line; "
                    "at least as many files as ranks")
     p.add_argument("--tokenizer_path", default="tokenizer.model", help="SentencePiece model file")
     p.add_argument("--max_length", type=int, default=4096, help="tokens per training sequence (context length)")
-    p.add_argument("--steps_per_epoch", type=int, default=2000,
-                   help="checkpoint interval in optimizer steps (the reference's name for it)")
+    p.add_argument("--save_every", "--steps_per_epoch", dest="save_every", type=int, default=2000,
+                   help="checkpoint interval in optimizer steps (--steps_per_epoch is the reference's name for it)")
     p.add_argument("--checkpoint_saving_path", default="checkpoints",
                    help="folder for checkpoints, metrics.jsonl and the resolved run config")
     p.add_argument("--model_config", default="7b", help="preset name (see config/model/) or a config.json path")
@@ -62,14 +68,42 @@ def parse_args():
     p.add_argument("--cache_dir", default=None, help="tokenized-shard cache (default <data_dir>/.cache)")
     p.add_argument("--dist_timeout_minutes", type=int, default=30,
                    help="a collective that waits longer than this fails instead of hanging")
+    p.add_argument("--val_dir", default=None, help="folder of held-out text shards for the validation loss")
+    p.add_argument("--val_fraction", type=float, default=None,
+                   help="hold out this share (0, 0.5] of --data_dir's documents, chosen by a hash of their content, "
+                        "for the validation loss; they are never trained on")
+    p.add_argument("--eval_every", type=int, default=500,
+                   help="validation loss every this many optimizer steps, and at the start and end (0 = start "
+                        "and end only); needs --val_dir or --val_fraction")
+    p.add_argument("--eval_tokens", type=int, default=262_144,
+                   help="held-out tokens (predictions) in the fixed validation set, split across ranks")
+    p.add_argument("--eval_tasks", default=None,
+                   help="benchmarks scored during training on a fixed seeded subset, e.g. mmlu:200,ceval:200 "
+                        "(tasks: mmlu, ceval, cmmlu, gaokao, agieval)")
+    p.add_argument("--eval_data_dir", default=None,
+                   help="with --eval_tasks: folder holding each task's folder in its official layout (mmlu/, "
+                        "ceval/, cmmlu/, gaokao-bench/, agieval/)")
+    p.add_argument("--eval_tasks_every", type=int, default=0,
+                   help="score --eval_tasks every this many steps (0 = at every checkpoint), and at the end")
+    p.add_argument("--document_mask", action="store_true",
+                   help="attention stays within each packed document and positions restart at each one "
+                        "(default: the reference's plain causal attention over the packed row)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     p = deepspeed.add_config_arguments(p)
     args = p.parse_args()
     if args.deepspeed_config is None:
         p.error("--deepspeed_config is required (see config/deepspeed.json)")
-    for flag in ("max_length", "steps_per_epoch", "max_steps", "checkpoint_every"):
+    for flag in ("max_length", "save_every", "max_steps", "checkpoint_every"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
+    check_val_args(args, p)
+    if args.eval_tasks is not None:
+        try:
+            parse_eval_tasks(args.eval_tasks)
+        except ValueError as e:
+            p.error(str(e))
+        if args.eval_data_dir is None:
+            p.error("--eval_tasks needs --eval_data_dir (the folder holding mmlu/, ceval/ ...)")
     return args
 
 
@@ -114,29 +148,51 @@ def main():
     try:
         data = DataEngine(args.data_dir, args.tokenizer_path, micro_bs, args.max_length, world_size=world,
                           rank=rank, seed=args.seed, cache_dir=args.cache_dir, num_workers=args.num_workers,
-                          device=device)
+                          device=device, holdout=None if args.val_fraction is None else (args.val_fraction, False))
     except (OSError, ValueError) as e:
         error = e
     all_ranks_ok(error, "opening the data")
     data.load_data()  # agrees across ranks itself: it raises on every rank or on none
+    validation = None
+    if args.val_dir is not None or args.val_fraction is not None:
+        error = None
+        try:
+            validation = build_validation(args, rank, world, device)
+        except (OSError, ValueError) as e:
+            error = e
+        all_ranks_ok(error, "opening the validation data")
+    eval_tasks = None
+    if args.eval_tasks is not None:
+        error = None
+        try:
+            eval_tasks = EvalTasks(args.eval_tasks, args.eval_data_dir, args.tokenizer_path, args.seed)
+        except (OSError, ValueError) as e:
+            error = e
+        all_ranks_ok(error, "loading the --eval_tasks benchmarks")
 
     # ---- model and engine --------------------------------------------------------------------------------
     overrides = {"loss_chunk_size": args.loss_chunk_size, "use_cache": False}
     if args.attention_backend:
         overrides["attention_backend"] = args.attention_backend
     config = BaiChuanConfig.from_name(args.model_config, **overrides)
+    if args.max_length > config.max_position_embeddings:
+        raise ValueError(f"--max_length {args.max_length} is longer than the model's max_position_embeddings "
+                         f"{config.max_position_embeddings} (--model_config {args.model_config})")
     if config.vocab_size < data.vocab_size:
         raise ValueError(f"tokenizer {args.tokenizer_path} has {data.vocab_size} pieces but the model's "
                          f"vocab_size is {config.vocab_size}")
     resume_tag = resolve_resume_tag(save_dir, args.resume)
     if args.init_from and not resume_tag:
         check_folder_config(Path(args.init_from), config)
+    # Weights about to be overwritten by --init_from are not initialised first (minutes at 7B).
+    skip_init = no_init_weights() if args.init_from and not resume_tag else nullcontext()
     if zero3:
         # Parameters are partitioned as they are created, so a 7B model never exists whole on one rank.
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        with deepspeed.zero.Init(config_dict_or_path=ds_config), skip_init:
             model = BaiChuanForCausalLM(config)
     else:
-        model = BaiChuanForCausalLM(config)
+        with skip_init:
+            model = BaiChuanForCausalLM(config)
     if args.init_from and not resume_tag:
         load_folder_weights(model, Path(args.init_from), zero3=zero3)
     if args.gradient_checkpointing:
@@ -147,8 +203,9 @@ def main():
             raise ValueError("--torch_compile is supported with ZeRO stages 0-2, not with ZeRO-3 "
                              f"({args.deepspeed_config})")
         compile_decoder_layers(model)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=ds_config)
+    # The config's scheduler section drives our LambdaLR, so step k trains at the schedule's value for k.
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
+                                           lr_scheduler=lr_scheduler_factory(ds_config))
     gas = engine.gradient_accumulation_steps()
 
     if rank == 0:
@@ -165,12 +222,18 @@ def main():
         data.load_state_dict(client["data"])
         if rank == 0:
             print(f"resumed from {save_dir / resume_tag} at step {step}", flush=True)
-    metrics_path = save_dir / "metrics.jsonl"
-    if rank == 0 and metrics_path.exists():
-        # Steps after the checkpoint were lost with the killed run and will be trained again.
-        kept = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        write_atomic(metrics_path, "".join(line + "\n" for line in kept))
+    metrics = MetricsLog(save_dir, rank, engine.monitor)
+    metrics.truncate_after(step)
+
+    def validate() -> float:
+        """Log the validation loss at this step; returns the seconds it took (kept out of tokens/s)."""
+        if validation is None:
+            return 0.0
+        start = time.perf_counter()
+        result = validation.evaluate(engine)
+        seconds = time.perf_counter() - start
+        metrics.write({"step": step, **result, "val_seconds": seconds, "time": time.time()})
+        return seconds
 
     def save(tag_step: int):
         tag = f"step{tag_step}"
@@ -188,11 +251,16 @@ def main():
     peak = peak_tflops(args)
     print_every = ds_config.get("steps_per_print", 10)
     engine.train()
+    if step == 0:
+        validate()
     window_loss, window_steps, t0 = torch.zeros((), device=device), 0, time.perf_counter()
     while step < args.max_steps:
+        lr = engine.get_lr()[0]  # what this step's optimizer update uses (the scheduler moves after it)
         for _ in range(gas):
             batch = data.get_data()  # [micro_bs, max_length + 1]
-            loss = engine(batch, labels=batch).loss  # the model shifts: max_length predictions per row
+            # The model shifts: max_length predictions per row.
+            inputs = document_inputs(batch, data.eos_id) if args.document_mask else {"labels": batch}
+            loss = engine(batch, **inputs).loss
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             window_loss += loss.detach().float() / gas
@@ -204,25 +272,29 @@ def main():
             elapsed = time.perf_counter() - t0
             tokens_per_sec = tokens_per_step * window_steps / elapsed  # per device
             tflops = tokens_per_sec * flops / 1e12
-            grad_norm = engine.get_global_grad_norm()
-            record = {"step": step, "loss": window_loss.item() / world / window_steps, "lr": engine.get_lr()[0],
-                      "grad_norm": None if grad_norm is None else float(grad_norm),
-                      "tokens_per_sec": tokens_per_sec, "tflops": tflops,
-                      "mfu": tflops / peak if peak else None, "epoch": data.epoch, "time": time.time()}
-            if rank == 0:
-                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                               if k != "time"), flush=True)
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-                if engine.monitor.enabled:
-                    engine.monitor.write_events([(f"Train/{k}", v, step) for k, v in record.items()
-                                                 if isinstance(v, float) and math.isfinite(v) and k != "time"])
+            grad_norm = engine.get_global_grad_norm()  # of this step's update, before clipping
+            # loss: mean over the window's steps; lr and grad_norm: this step's (docs/metrics.md).
+            metrics.write({"step": step, "loss": window_loss.item() / world / window_steps,
+                           "window_steps": window_steps, "lr": lr,
+                           "grad_norm": None if grad_norm is None else float(grad_norm),
+                           "tokens_per_sec": tokens_per_sec, "tflops": tflops,
+                           "mfu": tflops / peak if peak else None, "epoch": data.epoch, "time": time.time()})
             window_loss.zero_()
             window_steps, t0 = 0, time.perf_counter()
 
-        if step % args.steps_per_epoch == 0 or step == args.max_steps:
+        if step == args.max_steps or (args.eval_every and step % args.eval_every == 0):
+            t0 += validate()
+
+        every = args.eval_tasks_every or args.save_every
+        if eval_tasks is not None and (step % every == 0 or step == args.max_steps):
+            start = time.perf_counter()
+            metrics.write({"step": step, **eval_tasks.evaluate(engine),
+                           "eval_seconds": time.perf_counter() - start, "time": time.time()})
+            t0 += time.perf_counter() - start
+
+        if step % args.save_every == 0 or step == args.max_steps:
             save(step)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

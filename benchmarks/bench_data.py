@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO_ROOT as ROOT, peak_rss_bytes, rss_bytes, shared_data_dir
+from common import REPO_ROOT as ROOT, HelpFormatter, peak_rss_bytes, rss_bytes, shared_data_dir
 
 SHARED = shared_data_dir()
 EOS, MIN_TOKENS = 2, 20
@@ -164,7 +164,7 @@ def run_phase(name: str, args, **extra) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--corpus", type=Path, default=SHARED / "corpus", help="folder of .txt files to build from")
     parser.add_argument("--tokenizer", type=Path, default=SHARED / "baichuan-7b-tokenizer" / "tokenizer.model",
                         help="SentencePiece model used by both loaders")

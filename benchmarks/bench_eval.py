@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import shared_data_dir
+from common import HelpFormatter, shared_data_dir
 from evaluation.data import load_mmlu
 from evaluation.engine import FewShotEngine, load_model_and_tokenizer, predict
 from evaluation.prompts import PromptStyle, fit_prompt
@@ -111,7 +111,7 @@ def run(args, device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--data_dir", type=Path, default=SHARED / "mmlu", help="MMLU data folder")
     parser.add_argument("--tokenizer", type=Path, default=SHARED / "baichuan-7b-tokenizer" / "tokenizer.model",
                         help="SentencePiece model for the random model")

@@ -18,6 +18,12 @@ largest single-process peak from getrusage, and the planted recall: the share of
 de-duplication step (exact, near-duplicate document, or left empty by the sentence step) among those that no
 heuristic filter removed, also broken down by the true Jaccard similarity of their 5-shingle sets with the original.
 
+The full corpus runs twice: with --no-candidate-check (every LSH candidate removed unchecked, datasketch's banding:
+the behaviour before the candidate check) and with the default check (exact shingle Jaccard, banding for recall).
+For each: the planted recall per language and Jaccard bucket, and the documents removed as near-duplicates whose
+Jaccard with the kept document they matched is below the threshold (0.8) or below it minus 0.05; then the time
+ratio of the two runs.
+
 Baseline side by side: the same pipeline with --lsh-backend datasketch (datasketch.MinHashLSH) on the first
 --baseline-mb of the corpus, next to the compact backend on that same slice; the script prints both and the ratio.
 Other processes share the cores, so the load average is printed before and after each run.
@@ -45,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from common import REPO_ROOT as ROOT, shared_data_dir
+from common import REPO_ROOT as ROOT, HelpFormatter, shared_data_dir
 from corpus import text as prep_text
 
 CORPUS = shared_data_dir() / "corpus"
@@ -139,13 +145,14 @@ def load() -> str:
     return "load average %.2f %.2f %.2f" % os.getloadavg()
 
 
-def run_prepare(inputs: list[Path], out: Path, processes: int, backend: str, log: Path | None) -> dict:
+def run_prepare(inputs: list[Path], out: Path, processes: int, backend: str, log: Path | None,
+                extra: tuple = ()) -> dict:
     """Run prepare_data.py in a fresh process; wall time, peak RSS of the process tree, its JSON report."""
     report = out.with_suffix(".report.json")
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "scripts" / "prepare_data.py"), *map(str, inputs), "-o", str(out),
            "--num-shards", "8", "--processes", str(processes), "--lsh-backend", backend, "--no-progress",
-           "--report", str(report)] + (["--log-removed", str(log)] if log else [])
+           "--report", str(report), *extra] + (["--log-removed", str(log)] if log else [])
     print(load())
     print("$", " ".join(cmd))
     start = time.perf_counter()
@@ -176,6 +183,11 @@ def jaccard(signer: prep_text.Signer, a: str, b: str) -> float:
     return len(sa & sb) / max(1, len(sa | sb))
 
 
+def language(text: str) -> str:
+    counts = np.bincount(prep_text.CHAR_CLASS[prep_text.code_points(text)], minlength=8)
+    return "zh" if counts[prep_text.CJK] > counts[prep_text.LATIN] / 4 else "en"
+
+
 def planted_recall(work: Path, manifest: dict, log: Path) -> None:
     copies = (work / "corpus" / "90_planted.txt").read_text(encoding="utf-8").splitlines()
     originals = base_documents()
@@ -187,7 +199,8 @@ def planted_recall(work: Path, manifest: dict, log: Path) -> None:
             steps[int(number) - 1] = record["step"]
     dedup_steps = {"exact_duplicate", "near_duplicate_document", "near_duplicate_sentences"}
     signer = prep_text.Signer(128, 0, 5)
-    buckets = {"J >= 0.9": [0, 0], "0.8 <= J < 0.9": [0, 0], "0.7 <= J < 0.8": [0, 0], "J < 0.7": [0, 0]}
+    names = ("J >= 0.9", "0.8 <= J < 0.9", "0.7 <= J < 0.8", "J < 0.7")
+    buckets = {(lang, name): [0, 0] for lang in ("zh", "en") for name in names}
     found = considered = filtered = 0
     for i, copy in enumerate(copies):
         step = steps.get(i)
@@ -198,18 +211,46 @@ def planted_recall(work: Path, manifest: dict, log: Path) -> None:
         hit = step is not None
         found += hit
         j = jaccard(signer, copy, originals[manifest["originals"][i]])
-        key = next(name for name, low in zip(buckets, (0.9, 0.8, 0.7, -1.0)) if j >= low)
+        key = (language(copy), next(name for name, low in zip(names, (0.9, 0.8, 0.7, -1.0)) if j >= low))
         buckets[key][0] += hit
         buckets[key][1] += 1
     print(f"planted near-copies: {len(copies):,}; removed by a filter (not counted) {filtered:,}; "
           f"found by de-duplication {found:,} of {considered:,} = {100.0 * found / max(1, considered):.2f}%")
-    for key, (hit, total) in buckets.items():
+    for (lang, name), (hit, total) in buckets.items():
         if total:
-            print(f"  {key:<15} {hit:>6,} / {total:>6,} = {100.0 * hit / total:6.2f}%")
+            print(f"  {lang} {name:<15} {hit:>6,} / {total:>6,} = {100.0 * hit / total:6.2f}%")
+
+
+def false_removals(work: Path, log: Path, threshold: float) -> None:
+    """Documents removed as near-duplicates whose Jaccard with the kept document they were matched to is below
+    the threshold (and below threshold - 0.05), per language."""
+    lines = {}
+
+    def text_at(source: str) -> str:
+        path, number = source.rsplit(":", 1)
+        if path not in lines:
+            lines[path] = Path(path).read_text(encoding="utf-8").splitlines()
+        return lines[path][int(number) - 1]
+
+    signer = prep_text.Signer(128, 0, 5)
+    counts = {lang: [0, 0, 0] for lang in ("zh", "en")}  # removed, J < t, J < t - 0.05
+    for line in log.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record["step"] != "near_duplicate_document":
+            continue
+        doc = text_at(record["source"])
+        j = jaccard(signer, doc, text_at(record["duplicate_of"]))
+        row = counts[language(doc)]
+        row[0] += 1
+        row[1] += j < threshold
+        row[2] += j < threshold - 0.05
+    for lang, (n, below, far) in counts.items():
+        print(f"  {lang}: {n:,} removed as near-duplicate documents; Jaccard with the matched kept document "
+              f"< {threshold}: {below:,}; < {threshold - 0.05:.2f}: {far:,}")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--size-mb", type=float, default=200.0, help="corpus size (default 200)")
     p.add_argument("--baseline-mb", type=float, default=50.0,
                    help="slice on which both LSH backends run side by side; 0 skips the baseline (default 50)")
@@ -222,13 +263,20 @@ def main() -> None:
     try:
         manifest = build(work, args.size_mb, args.planted)
         files = sorted((work / "corpus").iterdir())
-        log = work / "removed.jsonl"
-        full = run_prepare(files, work / "out_full", args.processes, "compact", log)
-        mb = full["input_bytes"] / 1e6
-        print(f"== full corpus, compact backend: {mb:,.1f} MB, {full['wall']:.1f} s, {mb / full['wall']:.2f} MB/s "
-              f"on {args.processes} processes; peak RSS of the process tree {full['peak_tree_rss'] / 2**20:,.0f} MiB; "
-              f"(largest single process {full['max_single_rss'] / 2**20:,.0f} MiB); index bytes {full['index_bytes']}")
-        planted_recall(work, manifest, log)
+        walls = {}
+        for mode, extra in (("unchecked", ("--no-candidate-check",)), ("checked", ())):
+            log = work / f"removed_{mode}.jsonl"
+            full = run_prepare(files, work / f"out_{mode}", args.processes, "compact", log, extra)
+            walls[mode] = full["wall"]
+            mb = full["input_bytes"] / 1e6
+            print(f"== full corpus, compact backend, {mode} candidates: {mb:,.1f} MB, {full['wall']:.1f} s, "
+                  f"{mb / full['wall']:.2f} MB/s on {args.processes} processes; peak RSS of the process tree "
+                  f"{full['peak_tree_rss'] / 2**20:,.0f} MiB; (largest single process "
+                  f"{full['max_single_rss'] / 2**20:,.0f} MiB); index bytes {full['index_bytes']}; candidates "
+                  f"checked {full['candidates_checked']:,}, rejected {full['candidates_rejected']:,}")
+            planted_recall(work, manifest, log)
+            false_removals(work, log, 0.8)
+        print(f"== candidate check: time x{walls['checked'] / walls['unchecked']:.2f} of the unchecked run")
         if args.baseline_mb > 0:
             # a prefix of the corpus, cut at a line boundary
             slice_path = work / "slice" / "slice.txt"

@@ -41,14 +41,14 @@ from pathlib import Path
 
 import torch
 
-from common import free_port, peak_rss_bytes, rss_bytes
+from common import HelpFormatter, free_port, peak_rss_bytes, rss_bytes
 
 GIB = 2 ** 30
-MODELS = ("ours", "ours_compiled", "llama", "llama_compiled")
+MODELS = ("ours", "ours_compiled", "llama", "llama_compiled", "llama_sdpa")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     shape = p.add_argument_group("model shape (a preset, then any size overridden)")
     shape.add_argument("--preset", default="tiny", help="preset name in config/model/ (tiny, 7b) or a config.json path")
     shape.add_argument("--hidden_size", type=int, help="override the preset's hidden size")
@@ -78,8 +78,8 @@ def parse_args(argv=None):
                            "only checkpoint every layer, checkpoints every layer when k > 0")
     p.add_argument("--models", nargs="+", default=["ours", "llama"], choices=MODELS,
                    help="what to time: this project's model and transformers' LlamaForCausalLM, each eager or "
-                        "with torch.compile on every decoder layer (_compiled); ratios are against 'llama' "
-                        "(else 'llama_compiled')")
+                        "with torch.compile on every decoder layer (_compiled), and Llama with SDPA even where "
+                        "flash-attn is importable (llama_sdpa); ratios are against 'llama' (else the first Llama)")
     p.add_argument("--deepspeed", metavar="CONFIG", help="wrap each model in a DeepSpeed engine with this config "
                    "(world size 1; micro-batch and accumulation are set from the flags above)")
     p.add_argument("--peak_tflops", type=float, help="device peak TFLOPS for MFU (default: known for A100/A800/"
@@ -147,7 +147,7 @@ def build_model(spec: dict, args):
                 num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_attention_heads,
                 max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
                 rope_theta=config.rope_theta, tie_word_embeddings=False, use_cache=False,
-                attn_implementation=llama_attention(args.device)))
+                attn_implementation=spec.get("attention") or llama_attention(args.device)))
     model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]).train()
     if args.checkpoint_every:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -256,10 +256,10 @@ def variants(args):
     out = []
     for model in dict.fromkeys(args.models):  # each once, in the order given
         kind, compiled = model.split("_")[0], model.endswith("_compiled")
-        suffix = ", compiled" if compiled else ""
+        suffix = ", compiled" if compiled else ", sdpa" if model == "llama_sdpa" else ""
         if kind == "llama":
             out.append({"name": f"llama (transformers){suffix}", "kind": kind, "loss_chunk_size": 0,
-                        "compile": compiled})
+                        "compile": compiled, "attention": "sdpa" if model == "llama_sdpa" else None})
         else:
             out.extend({"name": f"ours (loss chunk {chunk or 'off'}){suffix}", "kind": kind,
                         "loss_chunk_size": chunk, "compile": compiled} for chunk in args.loss_chunk_size)

@@ -12,10 +12,20 @@ Two LSH backends answer the same questions ("which kept documents share a band w
 
 Both backends return identical candidates except when two different bands collide in 64 bits
 (probability ~ n^2 / 2^65 for n stored bands), so tests can compare them one to one.
+
+A band match is only a candidate. prepare_data.py checks each candidate against the threshold with
+the exact Jaccard similarity of the two shingle sets (`jaccard`, on the kept document's text read back from the
+spill file) before it removes anything, and a document whose candidates all fail is kept and indexed beside them
+(a key may then have several owners). Because the check removes the false positives, the document banding is
+chosen for recall (`recall_params`) instead of datasketch's balance of false positives and false negatives. Sentence candidates are
+checked the same way against texts kept in a scratch file (`SentenceStore`).
 """
 from __future__ import annotations
 
+import array
 import itertools
+import math
+import os
 
 import numpy as np
 from datasketch import LeanMinHash, MinHashLSH
@@ -35,35 +45,46 @@ class KeyTable:
         self.keys = np.empty(0, dtype=np.uint64)
         self.owners = np.empty(0, dtype=np.uint32)
         self.recent: dict[int, int] = {}
+        self.extra: dict[int, list[int]] = {}  # recent keys with more than one owner: the owners after the first
         self.merge_every = merge_every
 
     def __len__(self) -> int:
         return len(self.keys) + len(self.recent)
 
     def lookup_sorted(self, keys: np.ndarray) -> np.ndarray:
-        """Owner (int64, NO_OWNER when absent) of each key among the merged keys."""
+        """Position (int64, NO_OWNER when absent) of the first copy of each key among the merged keys."""
         if len(self.keys) == 0:
             return np.full(keys.shape, NO_OWNER, dtype=np.int64)
         pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-        return np.where(self.keys[pos] == keys, self.owners[pos].astype(np.int64), NO_OWNER)
+        return np.where(self.keys[pos] == keys, pos, NO_OWNER)
 
-    def add(self, keys: list[int], owner: int) -> None:
-        """Add keys that are absent (the caller's query found none of them) or already belong to `owner`."""
-        self.recent.update(zip(keys, itertools.repeat(owner)))
+    def add(self, keys: list[int], owner: int, fresh: bool = True) -> None:
+        """Add the keys for `owner`. fresh: the caller's query found none of them (the fast path); otherwise a
+        key that already has an owner keeps it and gains `owner` beside it."""
+        if fresh:
+            self.recent.update(zip(keys, itertools.repeat(owner)))
+            return
+        for key in keys:
+            if self.recent.setdefault(key, owner) != owner:
+                self.extra.setdefault(key, []).append(owner)
 
     def maybe_merge(self, force: bool = False) -> None:
         """Merge the recent dict into the sorted arrays; call only between batches (look-ups of a batch
         against the sorted arrays must not change under it)."""
         if not self.recent or (len(self.recent) < self.merge_every and not force):
             return
-        new_keys = np.fromiter(self.recent.keys(), dtype=np.uint64, count=len(self.recent))
-        new_owners = np.fromiter(self.recent.values(), dtype=np.uint32, count=len(self.recent))
-        order = np.argsort(new_keys)
+        more = [(key, owner) for key, owners in self.extra.items() for owner in owners]
+        new_keys = np.fromiter(itertools.chain(self.recent.keys(), (k for k, _ in more)), dtype=np.uint64,
+                               count=len(self.recent) + len(more))
+        new_owners = np.fromiter(itertools.chain(self.recent.values(), (o for _, o in more)), dtype=np.uint32,
+                                 count=len(self.recent) + len(more))
+        order = np.argsort(new_keys, kind="stable")
         new_keys, new_owners = new_keys[order], new_owners[order]
         pos = np.searchsorted(self.keys, new_keys)
         self.keys = np.insert(self.keys, pos, new_keys)
         self.owners = np.insert(self.owners, pos, new_owners)
         self.recent.clear()
+        self.extra.clear()
 
     def nbytes(self) -> int:
         # ~100 bytes per dict entry (entry, index slot, int key and value objects)
@@ -71,16 +92,23 @@ class KeyTable:
 
     def batch(self, keys: np.ndarray):
         """Look up a (n, k) array of keys against the sorted part, once per batch."""
-        sorted_owner = self.lookup_sorted(keys)
-        return keys.tolist(), sorted_owner, (sorted_owner != NO_OWNER).any(axis=1).tolist()
+        sorted_pos = self.lookup_sorted(keys)
+        return keys.tolist(), sorted_pos, (sorted_pos != NO_OWNER).any(axis=1).tolist()
 
     def query(self, batch, i: int) -> set[int]:
         """Owners of any of the keys of row i. Fast path: no sorted hit and no key in the recent dict."""
-        rows, sorted_owner, sorted_hit = batch
+        rows, sorted_pos, sorted_hit = batch
         if not sorted_hit[i] and self.recent.keys().isdisjoint(rows[i]):
             return set()
-        owners = {int(o) for o in sorted_owner[i] if o != NO_OWNER}
-        owners.update(self.recent[k] for k in rows[i] if k in self.recent)
+        owners = set()
+        for key, pos in zip(rows[i], sorted_pos[i].tolist()):
+            while 0 <= pos < len(self.keys) and int(self.keys[pos]) == key:  # a key may repeat, once per owner
+                owners.add(int(self.owners[pos]))
+                pos += 1
+        for key in rows[i]:
+            if key in self.recent:
+                owners.add(self.recent[key])
+                owners.update(self.extra.get(key, ()))
         return owners
 
 
@@ -90,8 +118,9 @@ class _KeyTableIndex:
     def query(self, batch, i: int) -> set[int]:
         return self.table.query(batch, i)
 
-    def insert(self, batch, i: int, owner: int) -> None:
-        self.table.add(batch[0][i], owner)
+    def insert(self, batch, i: int, owner: int, fresh: bool = True) -> None:
+        """fresh: query(batch, i) came back empty."""
+        self.table.add(batch[0][i], owner, fresh)
 
     def end_batch(self) -> None:
         self.table.maybe_merge()
@@ -119,6 +148,112 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     return probe.b, probe.r
 
 
+def recall_params(threshold: float, num_perm: int, target: float = 0.995) -> tuple[int, int]:
+    """(bands, rows) for LSH whose candidates are checked afterwards: a pair at exactly `threshold` becomes a
+    candidate with probability >= target (1 - (1 - t^r)^b), and among such bandings the one with the most rows
+    (then the fewest bands) is taken, which keeps candidates of unrelated pairs rare and so the checks cheap.
+    E.g. threshold 0.8, 128 permutations: 18 bands of 6 rows (datasketch's optimiser picks 9 of 13, which finds
+    a pair at 0.8 with probability 0.48)."""
+    best = None
+    for rows in range(1, num_perm + 1):
+        p = threshold ** rows
+        if p >= 1.0:
+            continue
+        if p * num_perm < 1e-3:  # more rows only make it rarer
+            break
+        bands = max(1, math.ceil(math.log(1.0 - target) / math.log1p(-p)))
+        if bands * rows <= num_perm:
+            best = (bands, rows)
+    if best is None:
+        raise ValueError(f"no banding of {num_perm} permutations finds pairs at Jaccard {threshold} with probability "
+                         f"{target}; use more permutations (--num-perm) or a higher threshold")
+    return best
+
+
+def shingle_set(signer, text: str) -> np.ndarray:
+    """Sorted distinct 32-bit shingle hashes of a text, the set that MinHash signatures estimate."""
+    return np.unique(signer.shingle_hashes(text))
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact Jaccard similarity of two shingle_set arrays."""
+    common = len(np.intersect1d(a, b, assume_unique=True))
+    union = len(a) + len(b) - common
+    return common / union if union else 1.0
+
+
+class SentenceStore:
+    """Texts of indexed sentences by id, in a scratch file (8 bytes of memory per sentence), for the check."""
+
+    def __init__(self, path):
+        self.file = open(path, "w+b")
+        self.offsets = array.array("q", [0])
+
+    def add(self, text: str) -> int:
+        self.file.write(text.encode("utf-8"))
+        self.offsets.append(self.file.tell())
+        return len(self.offsets) - 2
+
+    def text_of(self, sentence_id: int) -> str:
+        self.file.flush()
+        start, end = self.offsets[sentence_id], self.offsets[sentence_id + 1]
+        return os.pread(self.file.fileno(), end - start, start).decode("utf-8")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def confirm(signer, threshold: float, text: str, owners, text_of) -> tuple[int | None, int]:
+    """(first owner, lowest id first, whose exact Jaccard with `text` reaches the threshold or None, owners
+    rejected before it)."""
+    mine = shingle_set(signer, text)
+    for rejected, owner in enumerate(sorted(owners)):
+        if jaccard(mine, shingle_set(signer, text_of(owner))) >= threshold:
+            return owner, rejected
+    return None, len(owners)
+
+
+class CandidateCheck:
+    """Confirms document LSH candidates by the exact Jaccard of the shingle sets before anything is removed.
+
+    Kept documents are read back from the spill file (`spill`, written by prepare_data.py, one document per
+    `offsets` run). Sentence de-duplication may have shortened a kept document after it was signed, so the full
+    text of such a document goes to a scratch file and is read from there."""
+
+    def __init__(self, signer, threshold: float, spill, offsets, scratch_path):
+        self.signer, self.threshold = signer, threshold
+        self.spill, self.offsets = spill, offsets
+        self.scratch = open(scratch_path, "w+b")
+        self.full_at: dict[int, tuple[int, int]] = {}  # ordinal -> (offset, length) in scratch, shortened ones only
+        self.checked = self.rejected = 0
+
+    def kept(self, ordinal: int, text: str, final: str) -> None:
+        """Note kept document `ordinal`, signed as `text` and written to the spill as `final`."""
+        if final != text:
+            data = text.encode("utf-8")
+            self.full_at[ordinal] = (self.scratch.seek(0, 2), len(data))
+            self.scratch.write(data)
+
+    def text_of(self, ordinal: int) -> str:
+        if ordinal in self.full_at:
+            offset, length = self.full_at[ordinal]
+            self.scratch.flush()
+            return os.pread(self.scratch.fileno(), length, offset).decode("utf-8")
+        self.spill.flush()
+        start, end = self.offsets[ordinal], self.offsets[ordinal + 1]
+        return os.pread(self.spill.fileno(), end - start, start).decode("utf-8").rstrip("\n")
+
+    def confirm(self, text: str, owners) -> int | None:
+        """The first kept owner (lowest ordinal) whose Jaccard with `text` reaches the threshold, or None."""
+        owner, rejected = confirm(self.signer, self.threshold, text, owners, self.text_of)
+        self.checked += rejected + (owner is not None)
+        self.rejected += rejected
+        return owner
+
+    def close(self) -> None:
+        self.scratch.close()
+
+
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: odd, well spread bits
 _MIX2 = np.uint64(0xBF58476D1CE4E5B9)  # splitmix64 finaliser constant
 
@@ -143,8 +278,8 @@ class CompactLSH(_KeyTableIndex):
 
     name = "compact"
 
-    def __init__(self, threshold: float, num_perm: int, seed: int):
-        self.bands, self.rows = lsh_params(threshold, num_perm)
+    def __init__(self, threshold: float, num_perm: int, seed: int, params: tuple[int, int] | None = None):
+        self.bands, self.rows = params or lsh_params(threshold, num_perm)
         self.table = KeyTable()
 
     def batch(self, sigs: np.ndarray):
@@ -156,8 +291,8 @@ class DatasketchLSH:
 
     name = "datasketch"
 
-    def __init__(self, threshold: float, num_perm: int, seed: int):
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    def __init__(self, threshold: float, num_perm: int, seed: int, params: tuple[int, int] | None = None):
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, params=params)
         self.bands, self.rows = self.lsh.b, self.lsh.r
         self.seed = seed
 
@@ -167,7 +302,7 @@ class DatasketchLSH:
     def query(self, batch, i: int) -> set[int]:
         return set(self.lsh.query(batch[i]))
 
-    def insert(self, batch, i: int, owner: int) -> None:
+    def insert(self, batch, i: int, owner: int, fresh: bool = True) -> None:
         self.lsh.insert(owner, batch[i], check_duplication=False)
 
     def end_batch(self) -> None:

@@ -9,12 +9,16 @@ Steps, in order, each switchable and each reported with the documents and charac
   1. normalization: Unicode NFKC, control and zero-width characters removed, whitespace runs collapsed;
      line breaks inside a document become one space (nothing between two CJK characters), so every
      document is one output line;
-  2. heuristic filters: length, language (zh/en), share of symbols, share of digits, repeated lines,
-     repeated n-grams (thresholds below, all options);
+  2. heuristic filters: length, language (py3langid's model, per-language thresholds), share of symbols,
+     share of digits, repeated lines, repeated n-grams (thresholds below, all options); then, with
+     --quality-model, documents, paragraphs or sentences scoring below the threshold are dropped
+     (docs/quality.md);
   3. exact de-duplication (64-bit digest of the normalized text);
-  4. document-level near-duplicate removal: MinHash over character shingles + LSH;
+  4. document-level near-duplicate removal: MinHash over character shingles + LSH, each LSH candidate
+     confirmed by the exact Jaccard of the two shingle sets before the document is removed;
   5. sentence-level near-duplicate removal: sentences (zh 。！？； / en .!? followed by a space) that
-     near-duplicate a sentence of an earlier kept document are dropped (boilerplate), and documents
+     near-duplicate a sentence of an earlier kept document are dropped (boilerplate; candidates checked
+     likewise), and documents
      left shorter than --min-chars are dropped;
   6. deterministic shuffle (seeded) and an even split by bytes into N shards, written atomically.
 The first occurrence always wins, in input order, so the output does not depend on --processes.
@@ -43,7 +47,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from corpus import dedup, text as textproc
+from common import HelpFormatter
+from corpus import dedup, langid, quality, text as textproc
 
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 SHARD_NAME = "part-{:05d}.txt"
@@ -53,13 +58,16 @@ MEMORY_NOTE = """\
 memory: document texts stream through: the reader keeps at most 2 chunks per process in flight
 (a chunk is ~1 M characters) and kept documents are spilled to a temporary file, so memory does not grow
 with the characters of the corpus. What stays resident grows per kept document (compact backend,
---num-perm 128, thresholds 0.8 -> 9 bands of 13 rows): 12 B for exact de-duplication, 108 B for the
-document LSH, 108 B per new (not near-duplicate) sentence of >= --sentence-min-chars for the sentence
-LSH, 8 B for the spill offset (+8 B with --log-removed) and, in the final pass, ~50 B for the shuffle
-plan: ~180 B per kept document plus ~108 B per indexed sentence, e.g. ~1.4 GB for 2 M documents of 5
-indexed sentences, on top of ~0.3 GB fixed (interpreter, libraries, the last 512 K keys of each index
-kept in a dict before they are merged into sorted arrays). The datasketch backend (MinHashLSH) needs
-~3.6 KB per document and per sentence instead. Temporary files need about the size of the output."""
+--num-perm 128, thresholds 0.8 -> 18 bands of 6 rows, the banding for checked candidates): 12 B for exact
+de-duplication, 216 B for the document LSH (+ ~100 B per document shortened by the sentence step, whose
+signed text the candidate check keeps in a scratch file), 224 B per new (not near-duplicate) sentence of
+>= --sentence-min-chars for the sentence LSH and the offset of its text in a scratch file, 8 B for the spill
+offset (+8 B with --log-removed) and, in the final pass, ~50 B for the shuffle plan: ~290 B per kept
+document plus ~224 B per indexed sentence, e.g. ~2.8 GB for 2 M documents of 5 indexed sentences, on top of
+~0.3 GB fixed (interpreter, libraries, the last 512 K keys of each index kept in a dict before they are
+merged into sorted arrays). --no-candidate-check halves the LSH part (9 bands of 13 rows). The datasketch
+backend (MinHashLSH) needs ~3.6 KB per document and per sentence instead. Temporary files need up to about
+twice the size of the output."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +205,9 @@ class WorkerConfig:
     num_perm: int
     seed: int
     shingle: int
+    quality_model: str | None = None
+    quality_level: str = "paragraph"
+    quality_thresholds: tuple[tuple[str, float], ...] = ()
 
 
 _WORKER: "Worker | None" = None
@@ -206,6 +217,8 @@ class Worker:
     def __init__(self, cfg: WorkerConfig):
         self.cfg = cfg
         self.signer = textproc.Signer(cfg.num_perm, cfg.seed, cfg.shingle)
+        self.quality = quality.QualityStep(cfg.quality_model, cfg.quality_level, dict(cfg.quality_thresholds)) \
+            if cfg.quality_model else None
 
     def process(self, texts: list[str]) -> dict:
         """Normalize and filter every document; digest and sign those that pass.
@@ -214,18 +227,43 @@ class Worker:
         that dropped it (None when it passed); for passing documents their text, exact digest, document
         signature, sentence spans, which spans are indexed, and one signature per indexed sentence."""
         cfg = self.cfg
-        out = {"norm_chars": [], "dropped": [], "texts": [], "spans": [], "indexed": []}
-        sentence_texts = []
+        out = {"norm_chars": [], "dropped": [], "texts": [], "spans": [], "indexed": [], "quality": [],
+               "quality_chars": []}
+        docs = []  # (lines, text, language) per document; text None when a filter dropped it
         for raw in texts:
             lines = textproc.normalize_lines(raw) if cfg.normalize else [s for s in raw.splitlines() if s.strip()]
             text = textproc.join_lines(lines)
             out["norm_chars"].append(len(text))
             reason = "empty" if not text else None
+            info = {}
             if reason is None and cfg.filters is not None:
-                reason = textproc.first_failed_filter(lines, text, cfg.filters)
+                reason = textproc.first_failed_filter(lines, text, cfg.filters, info)
             out["dropped"].append(reason)
-            if reason is not None:
+            docs.append((lines, None if reason else text, info.get("language")))
+        # Quality: one scoring call per language for all units of the chunk (a call per document costs more in
+        # fixed overhead than the scoring itself).
+        scored = [None] * len(docs)
+        if self.quality is not None:
+            passing = [i for i, (_, text, _) in enumerate(docs) if text is not None]
+            langs = [docs[i][2] or langid.LanguageId().classify(docs[i][1])[0] for i in passing]
+            results = self.quality.apply_many([docs[i][0] for i in passing], langs, textproc.join_lines,
+                                              textproc.sentence_spans)
+            min_chars = max(1, (cfg.filters.min_chars or 0) if cfg.filters else 1)
+            for i, lang, (kept, scores, keep) in zip(passing, langs, results):
+                scored[i] = (lang, None if scores is None else scores.astype(np.float32), keep)
+                if kept is None:
+                    continue
+                if len(kept) < min_chars:
+                    out["dropped"][i] = "quality"
+                    scored[i] = (lang, scores.astype(np.float32), np.zeros_like(keep))
+                else:
+                    docs[i] = (docs[i][0], kept, lang)
+        sentence_texts = []
+        for i, (lines, text, _) in enumerate(docs):
+            out["quality"].append(scored[i])
+            if out["dropped"][i] is not None:
                 continue
+            out["quality_chars"].append(out["norm_chars"][i] - len(text))
             out["texts"].append(text)
             if cfg.sentence_dedup:
                 spans = textproc.sentence_spans(text)
@@ -280,6 +318,8 @@ class Stats:
         self.removed_chars = collections.Counter()
         self.docs_in = self.chars_in = self.docs_out = self.chars_out = 0
         self.sentences_indexed = self.sentences_removed = 0
+        self.candidates_checked = self.candidates_rejected = 0
+        self.sentence_candidates_checked = self.sentence_candidates_rejected = 0
 
     def remove(self, step: str, docs: int, chars: int) -> None:
         self.removed_docs[step] += docs
@@ -287,12 +327,22 @@ class Stats:
 
 
 def deduplicate(results, cfg: WorkerConfig, args, stats: Stats, spill, offsets: array.array, log, files,
-                progress=None):
+                progress=None, quality_log=None):
     """Exact, document and sentence de-duplication over the stream, writing kept documents to `spill`."""
     Backend = dedup.BACKENDS[args.lsh_backend]
     exact = dedup.ExactIndex() if cfg.exact else None
-    doc_lsh = Backend(args.threshold, cfg.num_perm, cfg.seed) if cfg.doc_dedup else None
-    sent_lsh = Backend(args.sentence_threshold, cfg.num_perm, cfg.seed) if cfg.sentence_dedup else None
+    check = None
+    if cfg.doc_dedup and not args.no_candidate_check:
+        check = dedup.CandidateCheck(textproc.Signer(cfg.num_perm, cfg.seed, cfg.shingle), args.threshold, spill,
+                                     offsets, Path(spill.name).with_name("signed_texts.txt"))
+    doc_params = dedup.recall_params(args.threshold, cfg.num_perm) if check else None
+    doc_lsh = Backend(args.threshold, cfg.num_perm, cfg.seed, doc_params) if cfg.doc_dedup else None
+    sentences = None  # indexed sentence texts, for the check of sentence candidates
+    if cfg.sentence_dedup and not args.no_candidate_check:
+        sentences = dedup.SentenceStore(Path(spill.name).with_name("sentences.txt"))
+        signer = check.signer if check else textproc.Signer(cfg.num_perm, cfg.seed, cfg.shingle)
+    sent_params = dedup.recall_params(args.sentence_threshold, cfg.num_perm) if sentences else None
+    sent_lsh = Backend(args.sentence_threshold, cfg.num_perm, cfg.seed, sent_params) if cfg.sentence_dedup else None
     min_chars = max(1, cfg.filters.min_chars or 0) if cfg.filters else 1
     kept_where = array.array("Q")  # (file, line) of each kept document, packed; only to name duplicates in the log
 
@@ -317,10 +367,14 @@ def deduplicate(results, cfg: WorkerConfig, args, stats: Stats, spill, offsets: 
         sent_batch = sent_lsh.batch(res["sentence_sigs"]) if sent_lsh else None
         j = sentence_row = 0  # index among passing documents / first sentence signature row of document j
         for i, reason in enumerate(res["dropped"]):
+            if quality_log is not None and res["quality"][i] is not None:
+                quality_log(locations[i], *res["quality"][i])
             if reason is not None:
                 stats.remove(reason, 1, res["norm_chars"][i])
                 removed(reason, locations[i], res["norm_chars"][i])
                 continue
+            if res["quality_chars"][j]:
+                stats.remove("quality", 0, res["quality_chars"][j])
             text = res["texts"][j]
             rows = []
             if sent_lsh:
@@ -332,19 +386,32 @@ def deduplicate(results, cfg: WorkerConfig, args, stats: Stats, spill, offsets: 
                 removed("exact_duplicate", locations[i], len(text), min(owners))
                 j += 1
                 continue
-            owners = doc_lsh.query(doc_batch, j) if doc_lsh else ()
-            if owners:
+            candidates = doc_lsh.query(doc_batch, j) if doc_lsh else ()
+            owner = (check.confirm(text, candidates) if check else min(candidates)) if candidates else None
+            if owner is not None:
                 stats.remove("near_duplicate_document", 1, len(text))
-                removed("near_duplicate_document", locations[i], len(text), min(owners))
+                removed("near_duplicate_document", locations[i], len(text), owner)
                 j += 1
                 continue
             final, fresh_rows = text, rows
             if sent_lsh and rows:
                 stats.sentences_indexed += len(rows)
-                dup = {k for k, row in zip(res["indexed"][j], rows) if sent_lsh.query(sent_batch, row)}
-                fresh_rows = [row for k, row in zip(res["indexed"][j], rows) if k not in dup]
+                dup, fresh_rows, spans = set(), [], res["spans"][j]
+                for k, row in zip(res["indexed"][j], rows):
+                    similar = sent_lsh.query(sent_batch, row)
+                    confirmed = bool(similar)
+                    if similar and sentences:
+                        sentence = text[spans[k][0]:spans[k][1]].strip()
+                        match, rejected = dedup.confirm(signer, args.sentence_threshold, sentence, similar,
+                                                        sentences.text_of)
+                        confirmed = match is not None
+                        stats.sentence_candidates_checked += rejected + confirmed
+                        stats.sentence_candidates_rejected += rejected
+                    if confirmed:
+                        dup.add(k)
+                    else:
+                        fresh_rows.append((row, k, bool(similar)))
                 if dup:
-                    spans = res["spans"][j]
                     final = "".join(text[s:e] for k, (s, e) in enumerate(spans) if k not in dup).strip()
                     stats.sentences_removed += len(dup)
                     if len(final) < min_chars:
@@ -359,9 +426,15 @@ def deduplicate(results, cfg: WorkerConfig, args, stats: Stats, spill, offsets: 
             if exact:
                 exact.insert(exact_batch, j, ordinal)
             if doc_lsh:
-                doc_lsh.insert(doc_batch, j, ordinal)
-            for row in fresh_rows:
-                sent_lsh.insert(sent_batch, row, ordinal)
+                doc_lsh.insert(doc_batch, j, ordinal, fresh=not candidates)
+            if check:
+                check.kept(ordinal, text, final)
+            for row, k, had_candidates in fresh_rows:
+                if sentences:  # owners are sentence ids, whose texts the check reads back
+                    s, e = res["spans"][j][k]
+                    sent_lsh.insert(sent_batch, row, sentences.add(text[s:e].strip()), fresh=not had_candidates)
+                else:
+                    sent_lsh.insert(sent_batch, row, ordinal)
             if log is not None:
                 kept_where.append((locations[i][0] << 32) | locations[i][1])
             data = final.encode("utf-8") + b"\n"
@@ -375,6 +448,11 @@ def deduplicate(results, cfg: WorkerConfig, args, stats: Stats, spill, offsets: 
                 index.end_batch()
         if progress is not None:
             progress()
+    if check:
+        stats.candidates_checked, stats.candidates_rejected = check.checked, check.rejected
+        check.close()
+    if sentences:
+        sentences.close()
     return {name: idx.nbytes() for name, idx in (("exact", exact), ("document_lsh", doc_lsh),
                                                  ("sentence_lsh", sent_lsh)) if idx is not None}
 
@@ -443,7 +521,7 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> list[Path]:
 # Report
 # ---------------------------------------------------------------------------------------------
 STEP_ORDER = ["normalize", "empty", "too_short", "too_long", "language", "symbols", "digits", "repeated_lines",
-              "repeated_ngrams", "exact_duplicate", "near_duplicate_document", "near_duplicate_sentences"]
+              "repeated_ngrams", "quality", "exact_duplicate", "near_duplicate_document", "near_duplicate_sentences"]
 
 
 def summary_table(stats: Stats) -> str:
@@ -460,6 +538,12 @@ def summary_table(stats: Stats) -> str:
     if stats.sentences_indexed:
         lines.append(f"sentences indexed {stats.sentences_indexed:,}, removed as near-duplicates "
                      f"{stats.sentences_removed:,}")
+    if stats.candidates_checked:
+        lines.append(f"document LSH candidates checked {stats.candidates_checked:,}, rejected (Jaccard below "
+                     f"--threshold, kept) {stats.candidates_rejected:,}")
+    if stats.sentence_candidates_checked:
+        lines.append(f"sentence LSH candidates checked {stats.sentence_candidates_checked:,}, rejected (Jaccard "
+                     f"below --sentence-threshold, kept) {stats.sentence_candidates_rejected:,}")
     return "\n".join(lines)
 
 
@@ -476,7 +560,7 @@ def _int_or_off(value: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, epilog=MEMORY_NOTE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", help="input files or folders (.txt, .jsonl, optionally .gz)")
     p.add_argument("--output-dir", "-o", required=True, help="data_dir for train.py; receives part-NNNNN.txt only")
     shards = p.add_mutually_exclusive_group(required=True)
@@ -511,9 +595,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-chars", type=_int_or_off, default=d.max_chars,
                    help=f"drop documents longer than this (default {d.max_chars:,})")
     g.add_argument("--languages", default="zh,en",
-                   help="comma list of languages to keep among zh, en; 'any' keeps all (default zh,en). zh: CJK "
-                        "ideographs outweigh other letters; en: Latin letters (4 letters weigh one ideograph) "
-                        "and >= 2 English function words")
+                   help="comma list of ISO 639-1 codes of the languages to keep; 'any' keeps all (default zh,en). "
+                        "zh covers Mandarin, Wu and Cantonese in simplified or traditional characters")
+    g.add_argument("--language-threshold", default="",
+                   help="per-language confidence a document needs, e.g. 'zh=0.6,en=0.8' (default 0.5 for each "
+                        "language of --languages)")
+    g.add_argument("--language-id", choices=["model", "script"], default="model",
+                   help="model: py3langid's 97-language model on the first 384 bytes of each document (default); "
+                        "script: character classes, zh and en only (CJK ideographs outweigh other letters; Latin "
+                        "letters and >= 2 English function words), faster")
     g.add_argument("--max-symbol-ratio", type=_ratio_or_off, default=d.max_symbol_ratio,
                    help=f"drop documents whose non-space characters are more than this share of symbols "
                         f"(Unicode S*, #$%%&*+/<=>@[\\]^`{{|}}~) (default {d.max_symbol_ratio})")
@@ -541,9 +631,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (default 128)")
     g.add_argument("--shingle", type=int, default=5,
                    help="character shingle size for MinHash, on lower-cased text (default 5)")
+    g.add_argument("--no-candidate-check", action="store_true",
+                   help="remove every document and sentence LSH candidate unchecked, with datasketch's banding "
+                        "(9 bands of 13 rows at 0.8), as before; by default each candidate is confirmed by the "
+                        "exact Jaccard of the shingle sets and the banding is chosen for recall (18 of 6 at 0.8)")
     g.add_argument("--lsh-backend", choices=sorted(dedup.BACKENDS), default="compact",
                    help="compact: datasketch's banding stored in numpy (~110 B per signature); datasketch: "
                         "datasketch.MinHashLSH itself (~3.6 KB per signature). Same results.")
+    g = p.add_argument_group("quality model (after the filters, before de-duplication; see docs/quality.md)")
+    g.add_argument("--quality-model",
+                   help="score units with this model and drop those below the threshold of their document's "
+                        "language: a file from scripts/train_quality_model.py, or a shipped model: "
+                        f"{', '.join(quality.NAMED)} (default: no quality step)")
+    g.add_argument("--quality-level", choices=quality.LEVELS, default="paragraph",
+                   help="unit scored and dropped: the document, each of its lines (paragraph), or each sentence "
+                        "(default paragraph); a document left shorter than --min-chars is dropped")
+    thresholds = g.add_mutually_exclusive_group()
+    thresholds.add_argument("--quality-threshold",
+                            help="lowest score kept, one value or per language ('en=0.6,zh=0.5'); scores are "
+                                 "P(good) for a classifier, mean log2 probability per token for a perplexity "
+                                 "model (default: 0.5 for a classifier, the 5th percentile of the model's held-out "
+                                 "reference text for a perplexity model)")
+    thresholds.add_argument("--quality-percentile",
+                            help="drop units scoring below this percentile of the model's held-out reference "
+                                 "text, one value or per language ('en=10,zh=5')")
+    g.add_argument("--quality-scores",
+                   help="write one JSON line per scored unit (source, unit, language, score, kept); the report "
+                        "always has a histogram per language")
     p.add_argument("--no-shuffle", action="store_true", help="keep input order (shards are still balanced)")
     return p
 
@@ -562,12 +676,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("threshold", "sentence_threshold"):
         try:
             dedup.lsh_params(getattr(args, flag), args.num_perm)
+            if not args.no_candidate_check:
+                dedup.recall_params(getattr(args, flag), args.num_perm)
         except ValueError as err:  # datasketch finds no banding with >= 2 bands, e.g. 0.99 at 128 permutations
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} with --num-perm {args.num_perm}: {err}")
     languages = None if args.languages == "any" else tuple(x.strip() for x in args.languages.split(",") if x.strip())
-    if languages is not None and (not languages or set(languages) - {"zh", "en"}):
-        parser.error(f"--languages {args.languages!r}: use a comma list of zh, en, or 'any'")
+    args.language_thresholds = ()
+    if languages is not None and args.language_id == "script" and (not languages or set(languages) - {"zh", "en"}):
+        parser.error(f"--languages {args.languages!r} with --language-id script: use a comma list of zh, en, or 'any'")
+    if languages is not None and args.language_id == "model":
+        try:
+            thresholds = langid.parse_thresholds(args.languages, args.language_threshold)
+            langid.LanguageId(thresholds)
+        except ValueError as err:
+            parser.error(f"--languages {args.languages!r} / --language-threshold {args.language_threshold!r}: {err}")
+        if not thresholds:
+            parser.error(f"--languages {args.languages!r}: name at least one language, or 'any'")
+        args.language_thresholds = tuple(sorted(thresholds.items()))
     args.language_tuple = languages
+    args.quality_thresholds = ()
+    if args.quality_model:
+        try:
+            model = quality.QualityModel.load(args.quality_model)
+            args.quality_thresholds = tuple(sorted(quality.resolve_thresholds(
+                model, languages, args.quality_threshold, args.quality_percentile).items()))
+        except (quality.QualityModelError, ValueError) as err:
+            parser.error(f"--quality-model {args.quality_model}: {err}")
+        args.quality_kind = model.kind
+    elif args.quality_threshold or args.quality_percentile or args.quality_scores:
+        parser.error("--quality-threshold, --quality-percentile and --quality-scores need --quality-model")
     return args
 
 
@@ -578,13 +715,15 @@ def run(args: argparse.Namespace) -> dict:
     replaced = check_output_dir(output_dir, args.overwrite)
     filters = None if args.no_filters else textproc.FilterConfig(
         min_chars=args.min_chars, max_chars=args.max_chars, languages=args.language_tuple,
+        language_id=args.language_id, language_thresholds=args.language_thresholds,
         max_symbol_ratio=args.max_symbol_ratio, max_digit_ratio=args.max_digit_ratio,
         max_dup_line_ratio=args.max_dup_line_ratio, max_dup_ngram_ratio=args.max_dup_ngram_ratio,
         dup_ngram_chars=args.dup_ngram_chars)
     cfg = WorkerConfig(normalize=not args.no_normalize, filters=filters, exact=not args.no_exact_dedup,
                        doc_dedup=not args.no_doc_dedup, sentence_dedup=not args.no_sentence_dedup,
                        sentence_min_chars=args.sentence_min_chars, num_perm=args.num_perm, seed=args.seed,
-                       shingle=args.shingle)
+                       shingle=args.shingle, quality_model=args.quality_model, quality_level=args.quality_level,
+                       quality_thresholds=args.quality_thresholds)
     reader = Reader(files, args.txt_docs, args.text_field, report, args.on_error)
     total_bytes = sum(f.stat().st_size for f in files)
     # Shards are staged beside data_dir (same file system, so the final renames are atomic); the spill file
@@ -594,6 +733,22 @@ def run(args: argparse.Namespace) -> dict:
     stats = Stats()
     start = time.perf_counter()
     log = open(args.log_removed, "w", encoding="utf-8") if args.log_removed else None
+    scores_file = open(args.quality_scores, "w", encoding="utf-8") if args.quality_scores else None
+    histogram = quality.Histogram(quality.QualityModel.load(args.quality_model)) if args.quality_model else None
+    units = collections.Counter()
+
+    def quality_log(loc, lang, scores, keep):
+        if scores is None:
+            units[f"unscored ({lang}: no scorer)"] += 1
+            return
+        histogram.add(lang, scores)
+        units["scored"] += len(scores)
+        units["removed"] += int(len(keep) - keep.sum())
+        if scores_file is not None:
+            source = f"{files[loc[0]]}:{loc[1]}"
+            for k, (score, kept) in enumerate(zip(scores.tolist(), keep.tolist())):
+                scores_file.write(json.dumps({"source": source, "unit": k, "language": lang,
+                                              "score": round(score, 4), "kept": kept}, ensure_ascii=False) + "\n")
     try:
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=args.no_progress or None)
 
@@ -603,9 +758,10 @@ def run(args: argparse.Namespace) -> dict:
 
         offsets = array.array("q", [0])
         spill_path = spill_dir / "spill.txt"
-        with open(spill_path, "wb") as spill:
+        with open(spill_path, "w+b") as spill:  # read back by the candidate check
             results = ordered_results(reader.chunks(), cfg, args.processes)
-            index_bytes = deduplicate(results, cfg, args, stats, spill, offsets, log, files, progress)
+            index_bytes = deduplicate(results, cfg, args, stats, spill, offsets, log, files, progress,
+                                      quality_log if args.quality_model else None)
         bar.close()
         dedup_seconds = time.perf_counter() - start
         shard_bytes = write_shards(spill_path, np.frombuffer(offsets, dtype=np.int64), args.num_shards, args.seed,
@@ -613,6 +769,8 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         if log is not None:
             log.close()
+        if scores_file is not None:
+            scores_file.close()
         for folder in {staging, spill_dir}:
             shutil.rmtree(folder, ignore_errors=True)
     seconds = time.perf_counter() - start
@@ -623,10 +781,21 @@ def run(args: argparse.Namespace) -> dict:
         "documents_out": stats.docs_out, "characters_out": stats.chars_out,
         "removed_documents": dict(stats.removed_docs), "removed_characters": dict(stats.removed_chars),
         "sentences_indexed": stats.sentences_indexed, "sentences_removed": stats.sentences_removed,
+        "candidates_checked": stats.candidates_checked, "candidates_rejected": stats.candidates_rejected,
+        "sentence_candidates_checked": stats.sentence_candidates_checked,
+        "sentence_candidates_rejected": stats.sentence_candidates_rejected,
         "malformed_input": dict(report.counts), "malformed_locations": dict(report.locations),
         "shard_bytes": shard_bytes, "index_bytes": index_bytes, "lsh_backend": args.lsh_backend,
     }
+    if histogram is not None:
+        result["quality"] = {"model": args.quality_model, "kind": args.quality_kind, "level": args.quality_level,
+                             "thresholds": dict(args.quality_thresholds), "units": dict(units),
+                             "histogram": histogram.to_dict()}
     print(summary_table(stats))
+    if histogram is not None:
+        print(f"quality ({args.quality_kind}, {args.quality_level} level): " +
+              ", ".join(f"{k} {v:,}" for k, v in sorted(units.items())))
+        print(histogram.render(dict(args.quality_thresholds)))
     mb = reader.bytes_read / 1e6
     print(f"{len(files)} files, {mb:,.1f} MB in {seconds:,.1f} s ({mb / max(seconds, 1e-9):,.2f} MB/s) "
           f"with {args.processes} process(es)")

@@ -96,6 +96,10 @@ class FilterConfig:
     min_chars: int | None = 50
     max_chars: int | None = 1_000_000
     languages: tuple[str, ...] | None = ("zh", "en")
+    # "model": corpus/langid.py with a confidence threshold per language, (lang, threshold) pairs (0.5 for a
+    # language not named); "script": detect_language below, zh and en only, from character classes
+    language_id: str = "model"
+    language_thresholds: tuple[tuple[str, float], ...] = ()
     max_symbol_ratio: float | None = 0.10
     max_digit_ratio: float | None = 0.30
     max_dup_line_ratio: float | None = 0.30
@@ -178,8 +182,27 @@ def dup_ngram_ratio(cps: np.ndarray, n: int) -> float:
     return float(np.count_nonzero(np.cumsum(cover[:-1]))) / len(cps)
 
 
-def first_failed_filter(lines: list[str], text: str, cfg: FilterConfig) -> str | None:
-    """Name of the first filter the document fails, or None. Cheap checks come first."""
+_LANGUAGE_IDS: dict = {}
+
+
+def language_of(text: str, counts: np.ndarray, cfg: FilterConfig) -> tuple[bool, str]:
+    """(wanted, language) of a document under the configured identifier and thresholds."""
+    if cfg.language_id == "script":
+        lang = detect_language(counts, text)
+        return lang in cfg.languages, lang
+    key = (cfg.languages, cfg.language_thresholds)
+    if key not in _LANGUAGE_IDS:
+        from corpus.langid import DEFAULT_THRESHOLD, LanguageId
+
+        thresholds = {lang: DEFAULT_THRESHOLD for lang in cfg.languages}
+        thresholds.update(cfg.language_thresholds)
+        _LANGUAGE_IDS[key] = LanguageId(thresholds)
+    return _LANGUAGE_IDS[key].keeps(text)
+
+
+def first_failed_filter(lines: list[str], text: str, cfg: FilterConfig, info: dict | None = None) -> str | None:
+    """Name of the first filter the document fails, or None. Cheap checks come first. `info` receives the
+    document's language when the language filter ran."""
     n = len(text)
     if cfg.min_chars is not None and n < cfg.min_chars:
         return "too_short"
@@ -187,8 +210,12 @@ def first_failed_filter(lines: list[str], text: str, cfg: FilterConfig) -> str |
         return "too_long"
     cps = code_points(text)
     counts = np.bincount(CHAR_CLASS[cps], minlength=8)
-    if cfg.languages is not None and detect_language(counts, text) not in cfg.languages:
-        return "language"
+    if cfg.languages is not None:
+        wanted, lang = language_of(text, counts, cfg)
+        if info is not None:
+            info["language"] = lang
+        if not wanted:
+            return "language"
     visible = max(1, n - int(counts[SPACE]))
     if cfg.max_symbol_ratio is not None and counts[SYMBOL] / visible > cfg.max_symbol_ratio:
         return "symbols"

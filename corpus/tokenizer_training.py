@@ -40,7 +40,7 @@ from typing import Iterable, Iterator, List, Sequence
 
 import sentencepiece as spm
 
-from common import REPO_ROOT, shared_data_dir, write_atomic
+from common import REPO_ROOT, HelpFormatter, shared_data_dir, write_atomic
 
 DEFAULT_CORPUS = shared_data_dir() / "corpus"
 DEFAULT_EXCLUDE = ("wikitext2_*",)
@@ -194,7 +194,7 @@ def train(sentences: Sequence[str], *, vocab_size: int, character_coverage: floa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--corpus", type=Path, nargs="+", default=[DEFAULT_CORPUS],
                    help="directories (searched recursively for *.txt) or .txt files to train on "
                         "(default: ../shared/data/corpus)")

@@ -36,11 +36,12 @@ from evaluation.data import LETTERS, DataError, load_mmlu
 from evaluation.engine import (FewShotEngine, add_runtime_args, load_model_and_tokenizer, model_name,
                                parse_subjects, predict, prompt_limit, select_gpus)
 from evaluation.prompts import PromptStyle, PromptTooLong, fit_prompt
+from common import HelpFormatter, run_cli
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--ntrain", "-k", type=int, default=5, help="number of few-shot examples (dev rows)")
     parser.add_argument("--ngpu", "-g", type=int, default=None,
                         help="use the first N GPUs (sets CUDA_VISIBLE_DEVICES unless already set); "
@@ -143,6 +144,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     try:
-        main()
+        run_cli(main)
     except (DataError, PromptTooLong, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -50,6 +50,7 @@ from evaluation.data import LETTERS, LOADERS, DataError
 from evaluation.engine import (FewShotEngine, add_runtime_args, load_model_and_tokenizer,
                                parse_subjects, predict, prompt_limit, select_gpus)
 from evaluation.prompts import PromptStyle, PromptTooLong, fit_prompt
+from common import HelpFormatter, run_cli
 
 TASKS = ("ceval", "cmmlu", "gaokao", "agieval")
 DATA_ENV = {"ceval": "CEVAL_DATA_PATH", "cmmlu": "CMMLU_DATA_PATH", "gaokao": "GAOKAO_DATA_PATH",
@@ -59,7 +60,7 @@ DEFAULT_SPLIT = {"ceval": "val", "cmmlu": "test", "gaokao": "test", "agieval": "
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model_name_or_path", type=str, default=None,
                         help="Hugging Face causal-LM folder (trust_remote_code); default: --model_id or "
                              "$OPENMODEL_PATH")
@@ -74,7 +75,9 @@ def parse_args(argv=None):
     parser.add_argument("--split", type=str, default=None,
                         help="split to score: C-Eval val (default; has answers), test (leaderboard "
                              "submission) or dev; the other tasks have test only")
-    parser.add_argument("--output_dir", type=str, default=None, help="default: <task>_output")
+    parser.add_argument("--output_dir", type=str, default=None,
+                        help="results go to <output_dir>/<split>/, so val and test runs never overwrite each other; "
+                             "default: <task>_output")
     parser.add_argument("--show_detail", action="store_true", help="print every prompt and its prediction")
     parser.add_argument("--shuffle_shots", action="store_true",
                         help="shuffle the dev rows for every question, as the reference did (seeded by "
@@ -85,7 +88,7 @@ def parse_args(argv=None):
     if args.shot < 0:
         parser.error(f"--shot must be >= 0, got {args.shot}")
     args.split = args.split or DEFAULT_SPLIT[args.task]
-    args.output_dir = args.output_dir or f"{args.task}_output"
+    args.output_dir = os.path.join(args.output_dir or f"{args.task}_output", args.split)
     if args.model_name_or_path is None:
         base = os.environ.get("OPENMODEL_PATH")
         if args.model_id is not None:
@@ -215,6 +218,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     try:
-        main()
+        run_cli(main)
     except (DataError, PromptTooLong, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

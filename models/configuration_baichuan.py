@@ -15,6 +15,36 @@ PRESETS_DIR = Path(__file__).resolve().parents[1] / "config" / "model"
 
 ATTENTION_BACKENDS = ("auto", "flash_attention_2", "sdpa", "eager")
 NORM_BACKENDS = ("auto", "apex", "torch")
+# transformers' names: "linear" divides positions by the factor (Position Interpolation); "dynamic" (NTK-aware)
+# raises the rotary base with the sequence length once it passes max_position_embeddings.
+ROPE_SCALING_TYPES = ("linear", "dynamic")
+
+
+def normalize_rope_scaling(rope_scaling):
+    """``rope_scaling`` with transformers' field names, or None; ValueError naming what is wrong.
+
+    transformers' LlamaConfig reads ``rope_type`` (``type`` is its older spelling); both are written, so the
+    same dict configures a LlamaForCausalLM identically.
+    """
+    if rope_scaling is None:
+        return None
+    if not isinstance(rope_scaling, dict):
+        raise ValueError(f"BaiChuanConfig: rope_scaling must be a dict like {{'type': 'linear', 'factor': 4.0}} "
+                         f"or null, got {rope_scaling!r}")
+    unknown = sorted(set(rope_scaling) - {"type", "rope_type", "factor"})
+    if unknown:
+        raise ValueError(f"BaiChuanConfig: rope_scaling has unsupported fields {unknown}; "
+                         "only 'type' (or 'rope_type') and 'factor' are read")
+    kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    if "type" in rope_scaling and "rope_type" in rope_scaling and rope_scaling["type"] != rope_scaling["rope_type"]:
+        raise ValueError(f"BaiChuanConfig: rope_scaling names two types, {rope_scaling['type']!r} and "
+                         f"{rope_scaling['rope_type']!r}")
+    if kind not in ROPE_SCALING_TYPES:
+        raise ValueError(f"BaiChuanConfig: rope_scaling type must be one of {ROPE_SCALING_TYPES}, got {kind!r}")
+    factor = rope_scaling.get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1.0:
+        raise ValueError(f"BaiChuanConfig: rope_scaling factor must be a number >= 1, got {factor!r}")
+    return {"type": kind, "rope_type": kind, "factor": float(factor)}
 
 
 class BaiChuanConfig(PretrainedConfig):
@@ -41,6 +71,7 @@ class BaiChuanConfig(PretrainedConfig):
         attention_backend="auto",
         norm_backend="auto",
         loss_chunk_size=0,
+        rope_scaling=None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -53,6 +84,8 @@ class BaiChuanConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
+        # {"type": "linear" | "dynamic", "factor": f}, f relative to max_position_embeddings; None = plain RoPE.
+        self.rope_scaling = normalize_rope_scaling(rope_scaling)
         self.use_cache = use_cache
         self.attention_backend = attention_backend
         self.norm_backend = norm_backend
@@ -94,6 +127,10 @@ class BaiChuanConfig(PretrainedConfig):
             raise ValueError(f"BaiChuanConfig: loss_chunk_size must be an integer >= 0, got {self.loss_chunk_size!r}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"BaiChuanConfig: rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
+
+    @property
+    def rope_scaling_type(self):
+        return self.rope_scaling["type"] if self.rope_scaling else None
 
     @property
     def head_dim(self) -> int:

@@ -24,9 +24,9 @@ from .configuration_baichuan import BaiChuanConfig
 from .kernels import linear_cross_entropy
 
 try:  # optional CUDA kernels: absent on CPU machines, where the PyTorch paths below run
-    from flash_attn import flash_attn_func
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
 except ImportError:
-    flash_attn_func = None
+    flash_attn_func = flash_attn_varlen_func = None
 try:
     from apex.normalization.fused_layer_norm import fused_rms_norm_affine
 except ImportError:
@@ -46,11 +46,46 @@ def _log_backend_once(kind: str, name: str):
 
 # ----------------------------------------------------------------------------------------------------
 # Kernels. Each attention function takes q, k, v as [b, n, s|t, d] and a boolean mask [b, 1, s, t]
-# (True = may attend) or None for plain causal attention, and returns [b, n, s, d].
+# (True = may attend), a DocumentMask (packed documents, causal within each) or None for plain causal
+# attention, and returns [b, n, s, d].
 # ----------------------------------------------------------------------------------------------------
+
+class DocumentMask:
+    """Causal attention that stays inside each document of a packed row (no cache).
+
+    ``ids`` [b, s]: the document index of every token, non-decreasing along a row (training/documents.py
+    derives it from the EOS ids). SDPA and eager get it as a dense boolean mask; flash-attn as the
+    variable-length layout (cumulative document lengths over the flattened batch), which skips the masked
+    blocks instead of computing them.
+    """
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+        self._dense = None
+
+    def dense(self) -> torch.Tensor:
+        if self._dense is None:
+            s = self.ids.shape[1]
+            causal = torch.ones(s, s, dtype=torch.bool, device=self.ids.device).tril()  # [s, s]
+            same = self.ids[:, :, None] == self.ids[:, None, :]  # [b, s, s]
+            self._dense = (same & causal)[:, None]  # [b, 1, s, s]
+        return self._dense
+
+    def varlen(self):
+        """(cu_seqlens int32 [documents + 1], longest document) over the row-major flattened batch."""
+        b, s = self.ids.shape
+        # A document starts where the id changes along a row, and at every row's first token.
+        starts = torch.ones_like(self.ids, dtype=torch.bool)  # [b, s]
+        starts[:, 1:] = self.ids[:, 1:] != self.ids[:, :-1]
+        begin = starts.reshape(-1).nonzero().squeeze(1)  # [documents]
+        cu = torch.cat([begin, begin.new_tensor([b * s])]).to(torch.int32)  # [documents + 1]
+        return cu, int((cu[1:] - cu[:-1]).max())
+
 
 def eager_attention(q, k, v, mask):
     s, t = q.shape[-2], k.shape[-2]
+    if isinstance(mask, DocumentMask):
+        mask = mask.dense()
     if mask is None:
         # Bottom-right aligned causal mask, so a query block after a cache sees the whole cache.
         mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(diagonal=t - s)
@@ -62,6 +97,8 @@ def eager_attention(q, k, v, mask):
 
 def sdpa_attention(q, k, v, mask):
     s, t = q.shape[-2], k.shape[-2]
+    if isinstance(mask, DocumentMask):
+        mask = mask.dense()
     if mask is None and s != t and s > 1:
         # SDPA's is_causal aligns top-left; a multi-token block after a cache needs bottom-right.
         mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(diagonal=t - s)
@@ -69,6 +106,13 @@ def sdpa_attention(q, k, v, mask):
 
 
 def flash_attention(q, k, v, mask):
+    if isinstance(mask, DocumentMask):
+        b, n, s, d = q.shape
+        cu, longest = mask.varlen()
+        # [b, n, s, d] -> [b*s, n, d]: the documents laid end to end, as the variable-length kernel wants
+        q, k, v = (x.transpose(1, 2).reshape(b * s, n, d) for x in (q, k, v))
+        out = flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=True)  # [b*s, n, d]
+        return out.view(b, s, n, d).transpose(1, 2)  # [b, n, s, d]
     assert mask is None, "flash_attention handles unpadded causal attention only"
     # flash-attn wants [b, s, n, d]; its causal mask is bottom-right aligned (flash-attn >= 2.1).
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)  # [b, s, n, d]
@@ -85,7 +129,7 @@ ATTENTION_FUNCTIONS = {
 def select_attention(requested: str, q: torch.Tensor, mask: Optional[torch.Tensor]) -> str:
     """The one place an attention kernel is chosen, from the request and the tensors at hand."""
     flash_ok = (flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-                and mask is None)
+                and (mask is None or isinstance(mask, DocumentMask)))
     if requested == "flash_attention_2":
         if flash_attn_func is None:
             raise RuntimeError("attention_backend='flash_attention_2' was forced but flash_attn is not "
@@ -130,22 +174,43 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding, rotate-half convention, base 10000.
+    """Rotary position embedding, rotate-half convention, base ``rope_theta``, with transformers' RoPE scaling.
 
     Holds no state: cos/sin are computed in fp32 from the positions at hand on every call (b x s x d values, no
     table). Nothing here reads a tensor back to the host, so a CUDA step never waits on it and torch.compile
     traces a whole layer as one graph. Released checkpoints carry ``rotary_emb.inv_freq``; it is a pure function
     of the sizes, so it is dropped on load.
+
+    ``scaling`` = {"type", "factor"} (the config's ``rope_scaling``), as transformers' Llama computes it:
+    linear divides the frequencies by the factor; dynamic NTK raises the base to
+    ``base * (factor * L / max_pos - (factor - 1)) ** (d / (d - 2))`` for a call whose largest position is L - 1
+    with L > max_pos. Unlike transformers, L is that of the call alone (transformers keeps the largest L it has
+    seen), so the same tokens give the same numbers whatever ran before.
     """
 
-    def __init__(self, dim: int, max_position_embeddings: int = 4096, base: float = 10000.0):
+    def __init__(self, dim: int, max_position_embeddings: int = 4096, base: float = 10000.0,
+                 scaling: Optional[dict] = None):
         super().__init__()
         self.dim, self.base = dim, base
         self.max_position_embeddings = max_position_embeddings
+        self.scaling_type = scaling["type"] if scaling else None
+        self.factor = scaling["factor"] if scaling else 1.0
+
+    def inv_freq(self, position_ids: torch.Tensor) -> torch.Tensor:
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.float32, device=position_ids.device) / self.dim  # [d/2]
+        base = self.base
+        if self.scaling_type == "dynamic":
+            # A device tensor, not a Python number: reading the largest position back would sync the GPU.
+            length = (position_ids.max() + 1).clamp(min=self.max_position_embeddings).float()
+            base = base * (self.factor * length / self.max_position_embeddings - (self.factor - 1)) ** (
+                self.dim / (self.dim - 2))
+        inv_freq = 1.0 / (base ** exponents)  # [d/2]
+        if self.scaling_type == "linear":
+            inv_freq = inv_freq / self.factor
+        return inv_freq
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=position_ids.device)
-                                        / self.dim))  # [d/2]
+        inv_freq = self.inv_freq(position_ids)  # [d/2]
         freqs = position_ids[..., None].float() * inv_freq  # [b, s, d/2], in fp32: bf16 positions lose integers
         emb = torch.cat((freqs, freqs), dim=-1)  # [b, s, d]
         # [b, s, d] -> [b, 1, s, d] to broadcast over heads
@@ -188,7 +253,8 @@ class Attention(nn.Module):
         self.hidden_size = config.hidden_size
         self.W_pack = nn.Linear(self.hidden_size, 3 * self.hidden_size, bias=False)  # q, k, v in that order
         self.o_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, config.rope_theta,
+                                          config.rope_scaling)
 
     def forward(self, x, position_ids, mask, past_key_value: Optional[Cache] = None):
         b, s, _ = x.shape
@@ -307,7 +373,10 @@ class BaiChuanModel(BaiChuanPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, return_dict=None, cache_position=None, **kwargs):
+                inputs_embeds=None, use_cache=None, return_dict=None, cache_position=None, document_ids=None,
+                **kwargs):
+        """``document_ids`` [b, s] (training on packed rows, no cache, no padding): attention stays within each
+        document; pass the matching ``position_ids`` (restarting at every document) with it."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -321,6 +390,13 @@ class BaiChuanModel(BaiChuanPreTrainedModel):
         elif isinstance(past_key_values, (tuple, list)):
             past_key_values = DynamicCache.from_legacy_cache(past_key_values)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past and self.config.rope_scaling_type == "dynamic" and past + s > self.config.max_position_embeddings:
+            # The cached keys were rotated with the base of a shorter length; mixing them with this call's base
+            # would give neither length's numbers.
+            raise ValueError(
+                f"dynamic RoPE scaling sets the rotary base from the sequence length, so keys cached at length "
+                f"{past} cannot be reused past max_position_embeddings ({self.config.max_position_embeddings}); "
+                "run the whole sequence in one call (use_cache=False when generating)")
         if attention_mask is not None and attention_mask.shape != (b, past + s):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, past + s)} "
                              "(cache length + new tokens)")
@@ -330,7 +406,12 @@ class BaiChuanModel(BaiChuanPreTrainedModel):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # [b, s]
             else:
                 position_ids = torch.arange(past, past + s, device=inputs_embeds.device).expand(b, s)
-        mask = build_attention_mask(attention_mask, s, past + s)
+        if document_ids is not None:
+            if attention_mask is not None or past:
+                raise ValueError("document_ids (packed documents) cannot be combined with padding or a cache")
+            mask = DocumentMask(document_ids)
+        else:
+            mask = build_attention_mask(attention_mask, s, past + s)
 
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
@@ -404,12 +485,13 @@ class BaiChuanForCausalLM(BaiChuanPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, cache_position=None, logits_to_keep=0,
-                return_logits=None, **kwargs):
+                return_logits=None, document_ids=None, **kwargs):
         """``logits_to_keep`` > 0 computes logits for the last that many positions only (generation and
         evaluation need the last one). With labels and a chunked loss, logits are returned only when
         ``return_logits=True``, as computing them is what chunking avoids."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         document_ids=document_ids)
         hidden = out.last_hidden_state  # [b, s, h]
         loss = logits = None
         chunked = labels is not None and self.config.loss_chunk_size > 0

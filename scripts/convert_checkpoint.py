@@ -4,6 +4,7 @@
     python scripts/convert_checkpoint.py checkpoints out/latest-fp32 --dtype fp32      # the tag `latest` names
 """
 from checkpoint_export import main
+from common import run_cli
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from common import pick_device_and_dtype
+from common import HelpFormatter, pick_device_and_dtype, run_cli
 
 REFERENCE_PROMPT = "登鹳雀楼->王之涣\n夜雨寄北->"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face model folder (trust_remote_code is on)")
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt (repeatable); default: the reference README's prompt when no --prompt_file")
@@ -169,4 +169,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -22,6 +22,7 @@ import datetime as dt
 import random
 import sys
 from pathlib import Path
+from common import HelpFormatter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,7 +187,7 @@ def shard_texts(seed: int, rounds: int, shards: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--output", type=Path, default=ROOT / "data_dir", help="folder to write the shards into")
     parser.add_argument("--seed", type=int, default=20240601, help="seed of the template generator and the shuffle")
     parser.add_argument("--rounds", type=int, default=200,

@@ -25,6 +25,7 @@ from typing import Dict, List, Sequence
 import sentencepiece as spm
 
 from corpus.tokenizer_training import DEFAULT_CORPUS, DEFAULT_EXCLUDE, corpus_files, is_heldout, iter_chunks
+from common import HelpFormatter
 
 
 @dataclass
@@ -100,7 +101,7 @@ def format_table(rows: Sequence[Dict[str, object]], langs: Sequence[str]) -> str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("models", type=Path, nargs="+", help="SentencePiece .model files")
     p.add_argument("--zh", type=Path, nargs="+",
                    help="Chinese sample files (default: held-out chunks of <corpus>/zh)")

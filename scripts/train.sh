@@ -10,8 +10,10 @@
 #
 # Environment overrides: HOSTFILE, DS_CONFIG, MODEL (preset or config.json), GPUS_PER_NODE, DATA_DIR,
 # TOKENIZER, SAVE_DIR, MAX_LENGTH, MAX_STEPS, MASTER_PORT. Extra arguments go to train.py unchanged.
+# The first run sets up .venv (scripts/setup_env.sh); USE_CURRENT_ENV=1 uses the active environment instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/setup_env.sh
 
 HOSTFILE=${HOSTFILE:-config/hostfile}
 DATA_DIR=${DATA_DIR:-data_dir}
@@ -32,6 +34,12 @@ if is_template "$HOSTFILE"; then
   else
     LAUNCH=(--num_gpus "${GPUS_PER_NODE:-2}")  # DeepSpeed's CPU accelerator: one process per "GPU", gloo backend
     where="${GPUS_PER_NODE:-2} CPU ranks (no GPU found)"
+    export DS_ACCELERATOR=cpu  # said once here rather than warned by every process that imports DeepSpeed
+    ext_dir=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
+    if ! ls "$ext_dir"/*/fused_adam/*.so "$ext_dir"/*/deepspeed_shm_comm/*.so >/dev/null 2>&1; then
+      echo "train.sh: first run here: DeepSpeed compiles its CPU ops (shared-memory all-reduce, Adam) once," \
+        "about 2 minutes, into $ext_dir (set TORCH_EXTENSIONS_DIR to move it)" >&2
+    fi
   fi
   DS_CONFIG=${DS_CONFIG:-config/deepspeed_tiny.json}
   MODEL=${MODEL:-tiny}

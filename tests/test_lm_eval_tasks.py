@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shared_path
+from conftest import FIXTURES, ROOT
+
+DATA = FIXTURES / "benchmarks"  # the project's own fixtures, in the official layouts
 
 N = 3  # questions per subject: the comparison is per question, a few show it
 
@@ -23,7 +25,7 @@ def folders(tmp_path_factory):
     from models.configuration_baichuan import BaiChuanConfig
     from models.modeling_baichuan import BaiChuanForCausalLM
     from models.tokenization_baichuan import BaiChuanTokenizer
-    vocab = str(shared_path("baichuan-7b-tokenizer", "tokenizer.model"))
+    vocab = str(ROOT / "tokenizer.model")
     root = tmp_path_factory.mktemp("lm_eval_models")
     torch.manual_seed(0)
     model = BaiChuanForCausalLM(BaiChuanConfig.from_name("tiny", max_position_embeddings=4096)).eval()
@@ -50,12 +52,12 @@ def ours(folder, tmp_path, monkeypatch):
     from evaluation import evaluate_mmlu, evaluate_zh
     monkeypatch.chdir(tmp_path)
     out = {}
-    evaluate_mmlu.main(["-m", str(folder), "-d", str(shared_path("mmlu")), "-s", "mmlu", "--subjects",
+    evaluate_mmlu.main(["-m", str(folder), "-d", str(DATA / "mmlu"), "-s", "mmlu", "--subjects",
                         "abstract_algebra", "--max_questions", str(N), "--device_map", "cpu"])
     with open(tmp_path / "mmlu" / f"results_{folder.name}" / "abstract_algebra.csv", newline="") as f:
         out["baichuan_mmlu_abstract_algebra"] = [(None, [float(x) for x in r[7:11]]) for r in list(csv.reader(f))[1:]]
     for task, data, subject in (("ceval", "ceval", "law"), ("cmmlu", "cmmlu", "ancient_chinese")):
-        evaluate_zh.main(["--model_name_or_path", str(folder), "--task", task, "--data_dir", str(shared_path(data)),
+        evaluate_zh.main(["--model_name_or_path", str(folder), "--task", task, "--data_dir", str(DATA / data),
                           "--output_dir", task, "--subjects", subject, "--max_questions", str(N),
                           "--device_map", "cpu"])
         entries = json.loads((tmp_path / task / f"{subject}.json").read_text(encoding="utf-8"))
@@ -71,7 +73,7 @@ def test_lm_eval_with_our_tasks_gives_our_predictions(folders, tmp_path, monkeyp
     from evaluation.lm_eval_tasks.make_tasks import HERE
     baichuan, llama = folders
     for env, data in (("MMLU_DATA_PATH", "mmlu"), ("CEVAL_DATA_PATH", "ceval"), ("CMMLU_DATA_PATH", "cmmlu")):
-        monkeypatch.setenv(env, str(shared_path(data)))
+        monkeypatch.setenv(env, str(DATA / data))
     expected = ours(baichuan, tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     results = lm_eval.simple_evaluate(

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import ROOT
 from models.configuration_baichuan import BaiChuanConfig
 from models.modeling_baichuan import (ATTENTION_FUNCTIONS, BaiChuanForCausalLM, build_attention_mask,
                                       flash_attn_func)
@@ -290,18 +291,19 @@ def test_missing_and_misshaped_weights_are_clear_errors(tmp_path):
         BaiChuanForCausalLM.from_pretrained(tmp_path / "s")
 
 
-def test_save_pretrained_folder_loads_without_this_repo(tmp_path, released_tokenizer):
+def test_save_pretrained_folder_loads_without_this_repo(tmp_path):
+    vocab = ROOT / "tokenizer.model"
     from models.tokenization_baichuan import BaiChuanTokenizer
     model = make_model(vocab_size=64000)
     model.save_pretrained(tmp_path / "out")
-    BaiChuanTokenizer(vocab_file=str(released_tokenizer)).save_pretrained(tmp_path / "out")
+    BaiChuanTokenizer(vocab_file=str(vocab)).save_pretrained(tmp_path / "out")
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"config.json", "model.safetensors", "modeling_baichuan.py", "configuration_baichuan.py",
             "tokenization_baichuan.py", "tokenizer.model", "tokenizer_config.json"} <= files
     auto_map = json.loads((tmp_path / "out" / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForCausalLM"] == "modeling_baichuan.BaiChuanForCausalLM"
     import sentencepiece as spm
-    ids = [1] + spm.SentencePieceProcessor(model_file=str(released_tokenizer)).encode("登鹳雀楼")
+    ids = [1] + spm.SentencePieceProcessor(model_file=str(vocab)).encode("登鹳雀楼")
     expected = model(torch.tensor([ids])).logits[0, -1, :5].tolist()
     code = (
         "import sys, json, torch\n"

@@ -369,8 +369,10 @@ def test_bad_flags_and_missing_inputs_are_named(tmp_path):
     (tmp_path / "x.csv").write_text("a")
     with pytest.raises(SystemExit, match="unsupported suffix"):
         run(tmp_path, [tmp_path / "x.csv"])
-    with pytest.raises(SystemExit):
-        prepare_data.parse_args([str(tmp_path), "-o", "d", "--num-shards", "2", "--languages", "fr"])
+    for flags in (["--languages", "xx"], ["--languages", "fr", "--language-id", "script"],
+                  ["--language-threshold", "fr=0.5"]):
+        with pytest.raises(SystemExit):
+            prepare_data.parse_args([str(tmp_path), "-o", "d", "--num-shards", "2", *flags])
 
 
 def test_help_explains_memory_bound():

@@ -60,7 +60,7 @@ def uninterrupted(workdir):
     save = workdir / "full"
     # "auto" resolves to --max_steps = 24, the schedule the other runs name explicitly.
     proc = run(train_cmd(save, ds_config(workdir / "ds-auto.json", tensorboard=workdir / "tb", total_steps="auto"),
-                         "--max_steps", 24, "--steps_per_epoch", 8, "--resume", "none", "--peak_tflops", 1))
+                         "--max_steps", 24, "--save_every", 8, "--resume", "none", "--peak_tflops", 1))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return save
 

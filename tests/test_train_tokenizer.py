@@ -276,6 +276,7 @@ def test_shipped_model_has_the_conventions():
     check_conventions(SHIPPED, 64000)
 
 
+@pytest.mark.real_data
 def test_shipped_model_is_a_drop_in_for_the_released_one(released_tokenizer):
     ours, released = _proto(SHIPPED), _proto(released_tokenizer)
     for field in ("name", "add_dummy_prefix", "remove_extra_whitespaces", "escape_whitespaces"):
@@ -295,6 +296,7 @@ def test_shipped_model_is_a_drop_in_for_the_released_one(released_tokenizer):
     assert a.encode(text)[1:] == b.encode(text)[1:]
 
 
+@pytest.mark.real_data
 def test_shipped_model_is_what_the_script_builds_from_the_corpus(tmp_path):
     corpus = shared_path("corpus")
     out = tmp_path / "tokenizer.model"
@@ -303,6 +305,7 @@ def test_shipped_model_is_what_the_script_builds_from_the_corpus(tmp_path):
         "tokenizer.model differs from a fresh run of scripts/train_tokenizer.py on ../shared/data/corpus")
 
 
+@pytest.mark.real_data
 def test_shipped_model_compresses_held_out_corpus_text_no_worse_than_released(released_tokenizer):
     corpus = shared_path("corpus")
     samples = {lang: tokenizer_stats.heldout_sample(corpus / lang) for lang in ("zh", "en")}
@@ -314,6 +317,7 @@ def test_shipped_model_compresses_held_out_corpus_text_no_worse_than_released(re
         assert ours[lang].chars == released[lang].chars
 
 
+@pytest.mark.real_data
 def test_shipped_model_normalizes_like_the_released_one(released_tokenizer):
     """The NFKC tables differ only where a newer Unicode version gave new characters a compatibility mapping."""
     a = spm.SentencePieceProcessor(model_file=str(SHIPPED))

@@ -1,0 +1,1 @@
+"""What grows around train.py's loop: the learning-rate schedule, the metrics log, held-out validation."""
