@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation.lm_eval_tasks.utils import data_dir
+from evaluation.lm_eval_tasks.utils import SPLIT, data_dir
 
 SUBJECTS = {"mmlu": "abstract_algebra,marketing,college_physics,world_religions",
             "ceval": "law,logic,high_school_physics,computer_network",
@@ -47,7 +47,7 @@ def ours(benchmark, subjects, folder, out, max_questions):
             with open(out / f"results_{folder.name}" / f"{subject}.csv", newline="", encoding="utf-8") as f:
                 probs[f"baichuan_mmlu_{subject}"] = [[float(x) for x in r[7:11]] for r in list(csv.reader(f))[1:]]
         else:
-            entries = json.loads((out / f"{subject}.json").read_text(encoding="utf-8"))
+            entries = json.loads((out / SPLIT[benchmark] / f"{subject}.json").read_text(encoding="utf-8"))
             probs[f"baichuan_{benchmark}_{subject}"] = [[e["probs"][x] for x in "ABCD"] for e in entries]
     return probs, seconds
 

@@ -60,7 +60,8 @@ def ours(folder, tmp_path, monkeypatch):
         evaluate_zh.main(["--model_name_or_path", str(folder), "--task", task, "--data_dir", str(DATA / data),
                           "--output_dir", task, "--subjects", subject, "--max_questions", str(N),
                           "--device_map", "cpu"])
-        entries = json.loads((tmp_path / task / f"{subject}.json").read_text(encoding="utf-8"))
+        split = {"ceval": "val", "cmmlu": "test"}[task]  # evaluate_zh.py writes <output_dir>/<split>/
+        entries = json.loads((tmp_path / task / split / f"{subject}.json").read_text(encoding="utf-8"))
         out[f"baichuan_{task}_{subject}"] = [(e["prompt"], [e["probs"][x] for x in "ABCD"]) for e in entries]
     return out
 

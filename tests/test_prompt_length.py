@@ -49,7 +49,7 @@ def test_prompts_longer_than_the_context_drop_the_shots_nearest_the_question(sho
     write_csv(data / "val" / "law_val.csv", [["0", "短题？", "一", "二", "三", "四", "B"],
                                              ["1", "一道长一些的题目，" * 6, "一", "二", "三", "四", "C"]])
     summary, out = run(short_model, data, tmp_path / "out", capsys)
-    entries = json.loads((tmp_path / "out" / "law.json").read_text(encoding="utf-8"))
+    entries = json.loads((tmp_path / "out" / "val" / "law.json").read_text(encoding="utf-8"))
     shots = [e["shots"] for e in entries]
     assert all(k < 5 for k in shots) and shots[0] > shots[1]  # the longer question keeps fewer shots
     from transformers import AutoTokenizer
