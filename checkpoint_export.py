@@ -10,7 +10,8 @@ The folder holds safetensors weights (one file, or shards of at most --max_shard
 
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
-loads it anywhere, without this repository; ``evaluation/evaluate_zh.py``, ``evaluation/evaluate_mmlu.py``,
+loads it anywhere, without this repository (inside it, the scripts load it without running its code);
+``evaluation/evaluate_zh.py``, ``evaluation/evaluate_mmlu.py``,
 ``scripts/generate.py`` and ``train.py --init_from`` all take it. ``export_info.json`` records where it came from.
 
 How: DeepSpeed's own ``zero_to_fp32`` rebuilds the fp32 master weights from every rank's optimizer partition
@@ -24,7 +25,10 @@ true, attention / norm kernels "auto".
 ``--format llama`` writes a standard Llama folder instead (q/k/v split, ``LlamaConfig``, a Llama tokenizer over
 the same SentencePiece model) that loads with ``trust_remote_code=False``; see llama_export.py.
 
-Only complete checkpoints are exported: a tag without ``complete.json`` (a job killed while saving) is refused.
+Only complete checkpoints are exported: a tag without ``complete.json`` (a job killed while saving) is refused,
+and so is one whose files differ from those sealed or would run code when loaded (checkpoint_safety.py). The
+tokenizer is the one the tag carries (train.py copies it in and records its sha256); ``run_config.json`` is
+consulted only for checkpoints written before that.
 """
 import argparse
 import json
@@ -38,8 +42,9 @@ from typing import Optional
 import torch
 
 import llama_export
-from checkpointing import resolve_checkpoint_tag
+from checkpointing import open_tag, resolve_checkpoint_tag
 from common import REPO_ROOT as ROOT, HelpFormatter
+from resume_rules import model_fields, tokenizer_sha256
 from models.configuration_baichuan import BaiChuanConfig
 from models.modeling_baichuan import BaiChuanForCausalLM
 from models.tokenization_baichuan import BaiChuanTokenizer
@@ -60,8 +65,8 @@ def parse_args(argv=None):
                    help="largest weights file before the weights are split into shards with an index, e.g. "
                         "'5GB', '500MB' or a number of bytes")
     p.add_argument("--tokenizer_path", default=None,
-                   help="SentencePiece model the run trained with (default: the --tokenizer_path recorded in "
-                        "<checkpoint_dir>/run_config.json)")
+                   help="SentencePiece model the run trained with; refused unless it is the one the checkpoint "
+                        "recorded (default: the copy inside the tag)")
     p.add_argument("--model_config", default=None,
                    help="preset or config.json, only for checkpoints that do not record their model config")
     p.add_argument("--format", choices=["baichuan", "llama"], default="baichuan",
@@ -71,19 +76,6 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="replace output_dir if it already holds a model folder")
     return p.parse_args(argv)
-
-
-def read_client_state(tag_dir: Path) -> dict:
-    """train.py's client state (step, data position, model_config) from the tag's model-state file."""
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):  # ZeRO-1/2, ZeRO-3
-        path = tag_dir / name
-        if path.is_file():
-            # mmap: under ZeRO-2 this file also holds the full module weights, which are not needed here.
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-            keep = ("step", "model_config", "ds_version", "dp_world_size", "ds_config")
-            return {k: state.get(k) for k in keep}
-    raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model-state file (mp_rank_00_model_states.pt or "
-                            "zero_pp_rank_0_mp_rank_00_model_states.pt); is this a train.py checkpoint?")
 
 
 def export_config(model_config: dict, dtype: torch.dtype) -> BaiChuanConfig:
@@ -98,12 +90,28 @@ def export_config(model_config: dict, dtype: torch.dtype) -> BaiChuanConfig:
     return config
 
 
-def find_tokenizer(checkpoint_dir: Path, tokenizer_path: Optional[str]) -> Path:
+def find_tokenizer(checkpoint_dir: Path, tag_dir: Path, client: dict, tokenizer_path: Optional[str]) -> Path:
+    """The tokenizer the checkpoint was trained with: the tag's own copy, or `tokenizer_path` when its sha256 is
+    the one recorded. Checkpoints from before tokenizers were recorded fall back to run_config.json."""
+    recorded = (client.get("run_settings") or {}).get("tokenizer")
     if tokenizer_path:
         path = Path(tokenizer_path)
         if not path.is_file():
             raise FileNotFoundError(f"--tokenizer_path {path}: no such file")
-        return path
+    elif recorded:
+        path = tag_dir / "tokenizer.model"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the checkpoint records tokenizer sha256 {recorded[:12]}... "
+                                    "but its copy is gone; pass --tokenizer_path with that tokenizer")
+    else:
+        path = _run_config_tokenizer(checkpoint_dir)
+    if recorded and tokenizer_sha256(path) != recorded:
+        raise ValueError(f"tokenizer {path} (sha256 {tokenizer_sha256(path)[:12]}...) is not the one {tag_dir} was "
+                         f"trained with (sha256 {recorded[:12]}...)")
+    return path
+
+
+def _run_config_tokenizer(checkpoint_dir: Path) -> Path:
     run_config = checkpoint_dir / "run_config.json"
     if not run_config.is_file():
         raise FileNotFoundError(f"{run_config} is missing, so the run's tokenizer is unknown; pass --tokenizer_path")
@@ -167,15 +175,22 @@ def convert(checkpoint_dir, output_dir, tag: Optional[str] = None, dtype: str = 
     shard_bytes = parse_size(max_shard_size)
     tag = resolve_checkpoint_tag(checkpoint_dir, tag)
     tag_dir = checkpoint_dir / tag
-    client = read_client_state(tag_dir)
+    client = open_tag(checkpoint_dir, tag)  # before zero_to_fp32 unpickles the tag with weights_only=False
+    fields = client.get("model_config")
     if model_config is not None:
-        fields = BaiChuanConfig.from_name(model_config).to_dict()
-    elif client["model_config"] is not None:
-        fields = client["model_config"]
-    else:
+        given = BaiChuanConfig.from_name(model_config)
+        if fields is not None:
+            theirs = model_fields(BaiChuanConfig.from_dict(dict(fields)))
+            diffs = [f"{k}: checkpoint {theirs.get(k)!r}, --model_config {v!r}"
+                     for k, v in model_fields(given).items() if theirs.get(k) != v]
+            if diffs:
+                raise ValueError(f"{tag_dir} records its model config; --model_config {model_config} differs: "
+                                 + "; ".join(diffs))
+        fields = given.to_dict()
+    if fields is None:
         raise ValueError(f"{tag_dir} records no model_config (not written by train.py?); pass --model_config")
     config = export_config(fields, torch_dtype)
-    tokenizer = BaiChuanTokenizer(vocab_file=str(find_tokenizer(checkpoint_dir, tokenizer_path)))
+    tokenizer = BaiChuanTokenizer(vocab_file=str(find_tokenizer(checkpoint_dir, tag_dir, client, tokenizer_path)))
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.vocab_file} has {tokenizer.vocab_size} pieces but the model's "
                          f"vocab_size is {config.vocab_size}: not the tokenizer this model was trained with")
@@ -235,9 +250,9 @@ def convert(checkpoint_dir, output_dir, tag: Optional[str] = None, dtype: str = 
             config.save_pretrained(tmp)  # config.json, configuration_baichuan.py
             GenerationConfig.from_model_config(config).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)  # tokenizer.model, tokenizer_config.json, tokenization_baichuan.py
-        info = {"source": str(checkpoint_dir.resolve()), "tag": tag, "step": client["step"], "dtype": dtype,
-                "deepspeed_version": client["ds_version"], "world_size": client["dp_world_size"],
-                "zero_stage": (client["ds_config"] or {}).get("zero_optimization", {}).get("stage"),
+        info = {"source": str(checkpoint_dir.resolve()), "tag": tag, "step": client.get("step"), "dtype": dtype,
+                "deepspeed_version": client.get("ds_version"), "world_size": client.get("dp_world_size"),
+                "zero_stage": (client.get("ds_config") or {}).get("zero_optimization", {}).get("stage"),
                 "tokenizer": str(Path(tokenizer.vocab_file).resolve()), "format": format, "time": time.time()}
         (tmp / "export_info.json").write_text(json.dumps(info, indent=2) + "\n")
     except BaseException:

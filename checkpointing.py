@@ -6,26 +6,143 @@ tag with ``resolve_checkpoint_tag`` below.)
 A DeepSpeed checkpoint under ``<save_dir>/<tag>/`` counts as complete once ``<tag>/complete.json`` exists; it
 is written after every rank has finished writing, and only then does ``<save_dir>/latest`` move to the tag
 (written under a temporary name and renamed). A job killed while saving therefore resumes from the
-previous checkpoint, and a half-written one is never taken for a good one.
+previous checkpoint, and a half-written one is never taken for a good one. Re-writing a tag (after resuming
+from an earlier one) first removes its seal, so a kill in between cannot leave old seal over new files.
+
+Tags are names, not paths (``validate_tag``): a ``--tag``, ``--resume`` or ``latest`` naming ``../x`` or an
+absolute path is an error. Before a tag is read, ``open_tag`` checks its files against the sizes recorded in
+the seal and reads every ``*.pt`` once without running code (checkpoint_safety.py).
 """
 import json
 import os
+import re
+import time
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from common import read_json, write_atomic  # noqa: F401 - re-exported for callers of this module
+from checkpoint_safety import CheckpointWriteError, SaveGuard, file_sizes, safe_load, verify_tag_files
+from common import all_ranks_ok, read_json, write_atomic  # noqa: F401 - re-exported for callers of this module
 
 COMPLETE_MARKER = "complete.json"
 # Fields that decide the weights' shapes: a folder whose config differs in one of them cannot be loaded.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
+# step<N>, step<N>_universal ... or a plain name: one path component, never "..", hidden or absolute.
+TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def validate_tag(tag: str, where: str = "checkpoint tag") -> str:
+    """`tag` if it is a plain name (step2000, step2000_universal, final); else ValueError naming `where`."""
+    if not isinstance(tag, str) or not TAG_PATTERN.fullmatch(tag) or ".." in tag:
+        raise ValueError(f"{where}: {tag!r} is not a checkpoint tag (a name such as step2000, made of letters, "
+                         "digits, '_', '-' and '.'; not a path)")
+    return tag
+
+
+def unseal(save_dir: Path, tag: str) -> None:
+    """Rank 0, before a tag's files are (re)written: drop its seal, durably, so that it counts as half-written
+    until mark_complete seals it again."""
+    marker = Path(save_dir) / validate_tag(tag) / COMPLETE_MARKER
+    if marker.exists():
+        marker.unlink()
+        _fsync_dir(marker.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def mark_complete(save_dir: Path, tag: str, info: dict) -> None:
-    """Rank 0, after a barrier that follows every rank's save: seal the tag and point `latest` at it."""
-    write_atomic(Path(save_dir) / tag / COMPLETE_MARKER, json.dumps(info, indent=2))
+    """Rank 0, after a barrier that follows every rank's save: seal the tag (recording its files' sizes) and
+    point `latest` at it; both written atomically and fsynced."""
+    tag_dir = Path(save_dir) / validate_tag(tag)
+    write_atomic(tag_dir / COMPLETE_MARKER, json.dumps(dict(info, files=file_sizes(tag_dir)), indent=2))
+    _fsync_dir(tag_dir)
     write_atomic(Path(save_dir) / "latest", tag)
+    _fsync_dir(Path(save_dir))
+
+
+def point_latest(save_dir: Path, tag: str) -> None:
+    """Rank 0, after resuming from `tag`: `latest` names it, so a later --resume auto follows this run and not
+    tags a run abandoned by resuming earlier left behind."""
+    latest = Path(save_dir) / "latest"
+    if not latest.is_file() or latest.read_text(encoding="utf-8").strip() != tag:
+        write_atomic(latest, validate_tag(tag))
+
+
+def last_valid(save_dir: Path) -> str:
+    """A phrase naming the checkpoint a failed save leaves valid."""
+    latest = Path(save_dir) / "latest"
+    try:
+        tag = latest.read_text(encoding="utf-8").strip()
+    except OSError:
+        return f"No complete checkpoint exists in {save_dir} yet."
+    return f"The last complete checkpoint, {Path(save_dir) / tag} (named by `latest`), stays valid."
+
+
+def save_checkpoint(engine, save_dir: Path, tag: str, client_state: dict, seal_info: dict,
+                    files: dict = None) -> None:
+    """Every rank: write `tag` with DeepSpeed, then seal it. `files` ({name: source path}) are copied into the
+    tag by rank 0 (the tokenizer, so that the tag describes itself).
+
+    A write that fails on any rank (disk full, permission) stops every rank with an error that names the file,
+    the errno and the checkpoint that stays valid; the tag is left unsealed."""
+    import torch.distributed as dist
+
+    save_dir, rank = Path(save_dir), dist.get_rank()
+    tag_dir = save_dir / validate_tag(tag)
+    error = None
+    if rank == 0:
+        try:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            unseal(save_dir, tag)
+        except OSError as e:
+            error = CheckpointWriteError(e.errno, f"preparing {tag_dir} failed: {e}. {last_valid(save_dir)}")
+    all_ranks_ok(error, f"saving checkpoint {tag}")
+    with SaveGuard(engine) as guard:
+        guard.valid = last_valid(save_dir)
+        engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+    # Every rank's files are on disk (or its error is known) before the tag is sealed.
+    all_ranks_ok(guard.error, f"saving checkpoint {tag}")
+    error = None
+    if rank == 0:
+        try:
+            for name, source in (files or {}).items():
+                write_atomic(tag_dir / name, Path(source).read_bytes())
+            mark_complete(save_dir, tag, dict(seal_info, time=time.time()))
+        except OSError as e:
+            error = CheckpointWriteError(e.errno, f"sealing {tag_dir} failed: [Errno {e.errno}] {e.strerror or e} "
+                                     f"({getattr(e, 'filename', None) or tag_dir}). {last_valid(save_dir)}")
+    all_ranks_ok(error, f"sealing checkpoint {tag}")
+
+
+def open_tag(save_dir: Path, tag: str) -> dict:
+    """Check a complete tag before anything loads it: its files against the seal, every *.pt without running
+    code. Returns train.py's client state (step, data position, model config, run settings), read safely."""
+    tag_dir = Path(save_dir) / validate_tag(tag)
+    seal = read_json(tag_dir / COMPLETE_MARKER, f"the seal of {tag_dir}")
+    verify_tag_files(tag_dir, seal.get("files"))
+    return read_client_state(tag_dir)
+
+
+def read_client_state(tag_dir: Path) -> dict:
+    """train.py's client state (step, data position, model_config, run_settings ...) from the tag's model-state
+    file, loaded with weights_only=True."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):  # ZeRO-1/2, ZeRO-3
+        path = Path(tag_dir) / name
+        if path.is_file():
+            # mmap: under ZeRO-2 this file also holds the full module weights, which are not needed here.
+            state = safe_load(path)
+            return {k: v for k, v in state.items() if k not in ("module", "optimizer", "lr_scheduler")}
+    raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model-state file (mp_rank_00_model_states.pt or "
+                            "zero_pp_rank_0_mp_rank_00_model_states.pt); is this a train.py checkpoint?")
 
 
 def resolve_resume_tag(save_dir: Path, resume: str) -> Optional[str]:
@@ -70,8 +187,10 @@ def resolve_checkpoint_tag(save_dir: Path, tag: Optional[str] = None, flag: str 
             raise FileNotFoundError(f"{save_dir} has no `latest` file, so no checkpoint was completed there by "
                                     f"train.py; pass {flag} to pick one ({present()})")
         tag = latest.read_text(encoding="utf-8").strip()
+        validate_tag(tag, f"`latest` in {save_dir}")
         where = f"`latest` in {save_dir} names {tag!r}, but"
     else:
+        validate_tag(tag, flag)
         where = f"{flag} {tag}:"
     if not (save_dir / tag).is_dir():
         raise FileNotFoundError(f"{where} there is no checkpoint folder {save_dir / tag} ({present()})")

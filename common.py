@@ -96,7 +96,8 @@ def pick_device_and_dtype(device: str = "auto", dtype: str = "auto", flag: str =
 def all_ranks_ok(error: Optional[BaseException], where: str) -> None:
     """Agree across ranks whether `where` succeeded, so one rank's error never leaves the others in a collective.
 
-    Every rank calls this; a rank with an error raises it, the others raise an error pointing at it."""
+    Every rank calls this; a rank with an error raises it, the others raise an error that quotes it (so every
+    rank's log says why, not only that a peer went away)."""
     import torch
     import torch.distributed as dist
 
@@ -107,10 +108,17 @@ def all_ranks_ok(error: Optional[BaseException], where: str) -> None:
     device = "cpu" if dist.get_backend() == "gloo" else torch.device("cuda", torch.cuda.current_device())
     flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=device)
     dist.all_reduce(flag)
+    if not flag.item():
+        return
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+    failed = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
+    if error is None:
+        print(f"rank {dist.get_rank()}: {where} failed on another rank: {failed}", file=sys.stderr, flush=True)
+    dist.barrier()  # the failing rank exits (and its launcher kills the rest) only after every log says why
     if error is not None:
         raise error
-    if flag.item():
-        raise RuntimeError(f"{where} failed on {flag.item()} other rank(s); see their error above")
+    raise RuntimeError(f"{where} failed on {flag.item()} other rank(s): {failed}")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -20,13 +20,15 @@ import torch
 import torch.distributed as dist
 from transformers.modeling_utils import no_init_weights
 
-from checkpointing import check_folder_config, load_folder_weights, mark_complete, resolve_resume_tag
+from checkpointing import (check_folder_config, load_folder_weights, open_tag, point_latest, resolve_resume_tag,
+                           save_checkpoint)
 from common import HelpFormatter, all_ranks_ok, read_json, run_cli, write_atomic
 from data_utils import DataEngine
 from models.configuration_baichuan import BaiChuanConfig
 from models.flops import flops_per_token, peak_tflops_for
 from models.kernels import compile_decoder_layers
 from models.modeling_baichuan import BaiChuanForCausalLM
+from resume_rules import check_allowed_names, compare_settings, run_settings, stored_settings
 from training.documents import document_inputs
 from training.eval_tasks import EvalTasks, parse_eval_tasks
 from training.metrics import MetricsLog
@@ -48,6 +50,10 @@ def parse_args():
     p.add_argument("--max_steps", type=int, default=100_000, help="optimizer steps to train in all (resumed ones count)")
     p.add_argument("--resume", default="auto", help="'auto': the latest complete checkpoint in "
                    "--checkpoint_saving_path if any; 'none': start fresh; or a checkpoint tag such as step2000")
+    p.add_argument("--allow_config_change", action="append", default=[], metavar="FIELD",
+                   help="resume although FIELD (a setting such as model.rope_theta, a prefix such as optimizer, or "
+                        "a group: model, data, optimizer, schedule, precision, zero) differs from the checkpoint's; "
+                        "repeatable (default: none; see docs/security.md)")
     p.add_argument("--init_from", default=None, help="Hugging Face model folder (e.g. the released baichuan-7B) "
                    "to start from, for continued pretraining; ignored when resuming")
     p.add_argument("--seed", type=int, default=42, help="seed for weights and data order")
@@ -104,6 +110,10 @@ def parse_args():
             p.error(str(e))
         if args.eval_data_dir is None:
             p.error("--eval_tasks needs --eval_data_dir (the folder holding mmlu/, ceval/ ...)")
+    try:
+        check_allowed_names(args.allow_config_change)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -182,6 +192,21 @@ def main():
         raise ValueError(f"tokenizer {args.tokenizer_path} has {data.vocab_size} pieces but the model's "
                          f"vocab_size is {config.vocab_size}")
     resume_tag = resolve_resume_tag(save_dir, args.resume)
+    settings = run_settings(config, ds_config, args.seed, args.max_length, world, args.tokenizer_path,
+                            getattr(data, "fingerprint", None))
+    if resume_tag:
+        # Before DeepSpeed reads the tag (with pickle): no file may run code, and nothing that changes what is
+        # trained may differ unless --allow_config_change names it.
+        error = None
+        try:
+            stored = open_tag(save_dir, resume_tag)
+            allowed = compare_settings(stored_settings(stored), settings,
+                                       args.allow_config_change, where=str(save_dir / resume_tag))
+            if allowed and rank == 0:
+                logging.warning("resuming with changed settings (allowed): %s", "; ".join(allowed))
+        except (OSError, ValueError) as e:
+            error = e
+        all_ranks_ok(error, f"checking checkpoint {save_dir / resume_tag}")
     if args.init_from and not resume_tag:
         check_folder_config(Path(args.init_from), config)
     # Weights about to be overwritten by --init_from are not initialised first (minutes at 7B).
@@ -208,12 +233,6 @@ def main():
                                            lr_scheduler=lr_scheduler_factory(ds_config))
     gas = engine.gradient_accumulation_steps()
 
-    if rank == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        resolved = {"args": vars(args), "deepspeed": ds_config,
-                    "model": config.to_dict(), "world_size": world}
-        write_atomic(save_dir / "run_config.json", json.dumps(resolved, indent=2, default=str))
-
     # ---- resume ----------------------------------------------------------------------------------------
     step = 0
     if resume_tag:
@@ -221,7 +240,14 @@ def main():
         step = client["step"]
         data.load_state_dict(client["data"])
         if rank == 0:
+            point_latest(save_dir, resume_tag)
             print(f"resumed from {save_dir / resume_tag} at step {step}", flush=True)
+    if rank == 0:
+        # Only now, with every check passed: a launch refused above leaves the record of the run as it was.
+        save_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {"args": vars(args), "deepspeed": ds_config,
+                    "model": config.to_dict(), "world_size": world}
+        write_atomic(save_dir / "run_config.json", json.dumps(resolved, indent=2, default=str))
     metrics = MetricsLog(save_dir, rank, engine.monitor)
     metrics.truncate_after(step)
 
@@ -237,13 +263,13 @@ def main():
 
     def save(tag_step: int):
         tag = f"step{tag_step}"
-        client = {"step": tag_step, "data": data.state_dict(), "model_config": config.to_dict()}
-        engine.save_checkpoint(str(save_dir), tag=tag, client_state=client, save_latest=False)
-        dist.barrier()  # every rank's shards are on disk before the tag is sealed
+        client = {"step": tag_step, "data": data.state_dict(), "model_config": config.to_dict(),
+                  "run_settings": settings}
+        # The tag carries its tokenizer: an export takes it from there, whatever later launches record.
+        save_checkpoint(engine, save_dir, tag, client, {"step": tag_step, "world_size": world},
+                        files={"tokenizer.model": args.tokenizer_path})
         if rank == 0:
-            mark_complete(save_dir, tag, {"step": tag_step, "world_size": world, "time": time.time()})
             print(f"saved checkpoint {save_dir / tag}", flush=True)
-        dist.barrier()
 
     # ---- loop ------------------------------------------------------------------------------------------
     tokens_per_step = micro_bs * args.max_length * gas

@@ -250,6 +250,7 @@ def add_runtime_args(parser: argparse.ArgumentParser):
                    help="comma-separated subset of subjects (default: all)")
     g.add_argument("--max_questions", type=int, default=None,
                    help="score only the first N questions of each subject (smoke tests)")
+    add_trust_remote_code_arg(g)
     return parser
 
 
@@ -261,18 +262,24 @@ def select_gpus(gpu_idx: Optional[str] = None, ngpu: Optional[int] = None):
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(ngpu))
 
 
-def load_model_and_tokenizer(path: str, device_map: str = "auto", dtype: str = "auto"):
-    """Any Hugging Face causal-LM folder (``trust_remote_code``), with the reference's tokenizer settings.
+def load_model_and_tokenizer(path: str, device_map: str = "auto", dtype: str = "auto",
+                             trust_remote_code: bool = False):
+    """Any Hugging Face causal-LM folder, with the reference's tokenizer settings.
 
-    The released baichuan-7B folder ships code that no longer loads with current transformers (its tokenizer
-    touches ``sp_model`` before creating it, transformers#27171; its model code imports xformers). For a
-    ``model_type: baichuan`` folder whose own code fails, this project's BaiChuanTokenizer and
-    BaiChuanForCausalLM (same parameter names) are used instead, with a printed note.
+    A ``model_type: baichuan`` folder (the released baichuan-7B, or one this project exported) is built with this
+    project's classes, so the Python files in the folder never run. Other folders whose config asks for their own
+    code are refused unless ``trust_remote_code`` (--trust_remote_code) is set. With it, a baichuan folder's own
+    code runs; where that code fails (the released tokenizer touches ``sp_model`` before creating it with current
+    transformers, transformers#27171; its model code imports xformers) this project's classes are used instead,
+    with a printed note.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from models import register_auto_classes
+
     if os.path.sep in path and not os.path.isdir(path):
         raise FileNotFoundError(f"model folder not found: {path}")
+    register_auto_classes()
     on_gpu = torch.cuda.is_available() and device_map != "cpu"
     if dtype == "auto":
         torch_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_gpu \
@@ -283,18 +290,20 @@ def load_model_and_tokenizer(path: str, device_map: str = "auto", dtype: str = "
     if on_gpu:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as e:  # noqa: BLE001 - any failure of the folder's own code; re-raised unless baichuan
-        if not _is_baichuan_folder(path):
+        refuse_remote_code(path, e, trust_remote_code)
+        if not (trust_remote_code and _is_baichuan_folder(path)):
             raise
         print(f"note: {path}: its model code failed ({type(e).__name__}: {str(e)[:200]}); "
               "loading it with this project's BaiChuanForCausalLM")
         from models.modeling_baichuan import BaiChuanForCausalLM
         model = BaiChuanForCausalLM.from_pretrained(path, **kwargs)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=False, trust_remote_code=True,
+        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=False, trust_remote_code=trust_remote_code,
                                                   add_bos_token=False, add_eos_token=False)
     except Exception as e:  # noqa: BLE001
+        refuse_remote_code(path, e, trust_remote_code)
         vocab = os.path.join(path, "tokenizer.model")
         if not (_is_baichuan_folder(path) and os.path.isfile(vocab)):
             raise
@@ -315,6 +324,19 @@ def prompt_limit(model, max_length: int) -> int:
               f"--max_length {max_length}")
         return int(context)
     return max_length
+
+
+def refuse_remote_code(path, error: BaseException, trust_remote_code: bool) -> None:
+    """Re-raise transformers' refusal to run a folder's own code as an error that names the flag."""
+    if not trust_remote_code and "trust_remote_code" in str(error):
+        raise ValueError(f"{path} needs its own Python code to load (its config's auto_map), which is not run by "
+                         "default: pass --trust_remote_code only if you trust that folder") from error
+
+
+def add_trust_remote_code_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="run the Python files of a model folder that needs them (default: off; baichuan "
+                             "folders load with this project's classes without it)")
 
 
 def _is_baichuan_folder(path: str) -> bool:

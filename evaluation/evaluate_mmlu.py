@@ -50,7 +50,7 @@ def parse_args(argv=None):
                         help="MMLU data folder holding dev/ val/ test/ (hendrycks data.tar layout)")
     parser.add_argument("--save_dir", "-s", type=str, default="results", help="where results_<model>/ goes")
     parser.add_argument("--model", "-m", type=str, required=True,
-                        help="Hugging Face causal-LM folder (or hub id); trust_remote_code is on")
+                        help="Hugging Face causal-LM folder (or hub id)")
     parser.add_argument("--split", choices=["test", "val"], default="test",
                         help="questions to score (test: 14042 questions, as published)")
     add_runtime_args(parser)
@@ -79,7 +79,7 @@ def main(argv=None):
     for s in subjects:
         if len(s.dev) < args.ntrain:
             raise DataError(f"{s.dev_file}: {len(s.dev)} dev rows, --ntrain asks for {args.ntrain}")
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device_map, args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device_map, args.dtype, args.trust_remote_code)
     engine = FewShotEngine(model, tokenizer, batch_size=args.batch_size, mode=args.engine)
     name = model_name(args.model)
     out_dir = os.path.join(args.save_dir, f"results_{name}")

@@ -62,7 +62,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--model_name_or_path", type=str, default=None,
-                        help="Hugging Face causal-LM folder (trust_remote_code); default: --model_id or "
+                        help="Hugging Face causal-LM folder; default: --model_id or "
                              "$OPENMODEL_PATH")
     parser.add_argument("--model_id", type=str, default=None,
                         help="model folder name under $OPENMODEL_PATH (the reference README's command line); "
@@ -150,7 +150,8 @@ def main(argv=None):
         for reason, n in s.skipped.items():
             print(f"{s.name}: left out {n} item(s): {reason}")
     has_answers = all(q.answer is not None for s in subjects for q in s.test)
-    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args.device_map, args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args.device_map, args.dtype,
+                                                args.trust_remote_code)
     engine = FewShotEngine(model, tokenizer, batch_size=args.batch_size, mode=args.engine)
     os.makedirs(args.output_dir, exist_ok=True)
 

@@ -27,13 +27,14 @@ from pathlib import Path
 import torch
 
 from common import HelpFormatter, pick_device_and_dtype, run_cli
+from evaluation.engine import add_trust_remote_code_arg, refuse_remote_code
 
 REFERENCE_PROMPT = "登鹳雀楼->王之涣\n夜雨寄北->"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", required=True, help="Hugging Face model folder (trust_remote_code is on)")
+    p.add_argument("--model", required=True, help="Hugging Face model folder")
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt (repeatable); default: the reference README's prompt when no --prompt_file")
     p.add_argument("--prompt_file", default=None,
@@ -52,6 +53,7 @@ def parse_args(argv=None):
                    help="weights dtype; auto = bfloat16 on a GPU that supports it (else float16), float32 on CPU")
     p.add_argument("--no_stream", action="store_true", help="print results only when each batch finishes")
     p.add_argument("--output", default=None, help="also write the results here as JSON lines")
+    add_trust_remote_code_arg(p)
     args = p.parse_args(argv)
     for flag in ("batch_size", "max_new_tokens"):
         if getattr(args, flag) < 1:
@@ -101,14 +103,24 @@ def read_prompts(path: Path):
     return prompts
 
 
-def load(model_dir: str, device: str, dtype):
+def load(model_dir: str, device: str, dtype, trust_remote_code: bool = False):
+    """The folder's model and tokenizer; a baichuan folder with this project's classes (its files' code never
+    runs), another folder's own code only with `trust_remote_code`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from models import register_auto_classes
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--model {path}: not a model folder (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(path, use_fast=False, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).to(device).eval()
+    register_auto_classes()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=False, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
+    except ValueError as e:
+        refuse_remote_code(path, e, trust_remote_code)
+        raise
+    model = model.to(device).eval()
     if tokenizer.pad_token_id is None:
         # The released tokenizer has no pad piece; id 0 (<unk>) pads, as the model config's pad_token_id says.
         tokenizer.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
@@ -157,7 +169,7 @@ def main(argv=None):
         if not prompts:
             prompts = [REFERENCE_PROMPT]
         device, dtype = pick_device_and_dtype(args.device, args.dtype)
-        model, tokenizer = load(args.model, device, dtype)
+        model, tokenizer = load(args.model, device, dtype, args.trust_remote_code)
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"generate: error: {e}")
     results = list(generate(model, tokenizer, prompts, args))

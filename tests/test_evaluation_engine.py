@@ -166,13 +166,14 @@ class BaiChuanTokenizer(PreTrainedTokenizer):  # like the released file: sp_mode
 
 
 def test_released_style_folder_with_broken_code_falls_back(tiny_dir, tiny, tmp_path, capsys):
-    """The released baichuan-7B folder's own code fails on current transformers; ours takes over."""
+    """With --trust_remote_code, the released baichuan-7B folder's own code fails on current transformers; ours
+    takes over. (Without the flag, ours is used from the start.)"""
     import shutil
     folder = tmp_path / "released-like"
     shutil.copytree(tiny_dir, folder)
     (folder / "modeling_baichuan.py").write_text("import xformers_is_not_installed\n", encoding="utf-8")
     (folder / "tokenization_baichuan.py").write_text(BROKEN_TOKENIZER, encoding="utf-8")
-    model, tokenizer = load_model_and_tokenizer(str(folder), device_map="cpu")
+    model, tokenizer = load_model_and_tokenizer(str(folder), device_map="cpu", trust_remote_code=True)
     out = capsys.readouterr().out
     assert "its model code failed" in out and "its tokenizer code failed" in out
     reference_model, reference_tokenizer = tiny
