@@ -42,7 +42,7 @@ def sample_lines(real: bool):
     lines = []
     for path in files:
         with open(path, encoding="utf-8") as f:
-            lines += [line.rstrip("\n") for _, line in zip(range(120), f) if line.strip()]
+            lines += [line.rstrip("\n") for _, line in zip(range(50), f) if line.strip()]
     return lines
 
 
