@@ -309,3 +309,60 @@ def load_folder_weights(model: torch.nn.Module, folder: Path, zero3: bool = Fals
                         param.data.copy_(tensor.to(param.dtype))
             else:
                 param.data.copy_(tensor.to(param.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resuming on another world size (DeepSpeed universal checkpoints)
+# ----------------------------------------------------------------------------------------------------------
+
+UNIVERSAL_DIR = "universal"  # <save_dir>/universal/<tag>/: a tag converted for loading on any world size
+
+
+def universal_client_state() -> dict:
+    """Client state that makes every checkpoint convertible by ds_to_universal (which refuses one without it)."""
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, \
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE
+
+    return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+
+
+def prepare_resume(save_dir: Path, tag: str, world_size: int, ds_config: dict) -> Tuple[str, str]:
+    """(load_dir, tag) for engine.load_checkpoint. Same world size as the checkpoint: the tag itself. Another:
+    rank 0 converts the tag once into <save_dir>/universal/<tag> (sealed with complete.json like any tag) and
+    ds_config gets checkpoint.load_universal, which makes DeepSpeed re-partition the model and optimizer state.
+    Call on every rank after torch.distributed is up and before deepspeed.initialize; a failed conversion stops
+    every rank. Our `latest` and seals stay the truth; DeepSpeed's own latest_universal is never read."""
+    import torch.distributed as dist
+
+    save_dir = Path(save_dir)
+    info = read_json(save_dir / tag / COMPLETE_MARKER, f"checkpoint {tag}")
+    saved_world = info.get("world_size")
+    if saved_world == world_size:
+        return str(save_dir), tag
+    out = save_dir / UNIVERSAL_DIR / tag
+    error = None
+    if dist.get_rank() == 0 and not (out / COMPLETE_MARKER).is_file():
+        try:
+            import shutil
+            from types import SimpleNamespace
+
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            shutil.rmtree(out, ignore_errors=True)  # a conversion that died half-way
+            ds_to_universal(SimpleNamespace(input_folder=str(save_dir / tag), output_folder=str(out),
+                                            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                            strict=True, inject_missing_state=False))
+            write_atomic(out / COMPLETE_MARKER, json.dumps(dict(info, universal_from=tag), indent=2))
+        except Exception as e:  # any failure: every rank must stop, not wait in the next collective
+            error = RuntimeError(f"converting checkpoint {save_dir / tag} (world size {saved_world}) to a universal "
+                                 f"checkpoint for world size {world_size} failed: {e}")
+    from deepspeed import get_accelerator
+
+    flag = torch.tensor([error is not None], dtype=torch.int64, device=get_accelerator().current_device_name())
+    dist.all_reduce(flag)
+    if error is not None:
+        raise error
+    if flag.item():
+        raise RuntimeError("the universal checkpoint conversion failed on rank 0; see its error")
+    ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    return str(save_dir / UNIVERSAL_DIR), tag

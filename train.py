@@ -1,10 +1,11 @@
-"""Pretrain the baichuan-7B architecture with DeepSpeed ZeRO over per-rank text shards.
+"""Pretrain the baichuan-7B architecture with DeepSpeed ZeRO on a folder of text (data path: data/).
 
     deepspeed --hostfile config/hostfile train.py --deepspeed --deepspeed_config config/deepspeed.json \
         --data_dir data_dir --model_config 7b --max_steps 100000
 
-The DeepSpeed config owns micro-batch size, gradient accumulation, optimizer, schedule and precision; this
-file owns the model, the data and the loop. Reads top to bottom: arguments, distributed init, data, model and
+The DeepSpeed config owns micro-batch size, global batch, optimizer, schedule and precision (accumulation is
+global / (micro x world), so a run keeps its global batch on any world size); this file owns the model, the
+data and the loop. Reads top to bottom: arguments, distributed init, data, model and
 engine, resume, loop (batch, forward, backward, step, log, save).
 """
 import argparse
@@ -20,10 +21,10 @@ import torch
 import torch.distributed as dist
 from transformers.modeling_utils import no_init_weights
 
-from checkpointing import (check_folder_config, load_folder_weights, open_tag, point_latest, resolve_resume_tag,
-                           save_checkpoint)
+from checkpointing import (check_folder_config, load_folder_weights, open_tag, point_latest, prepare_resume,
+                           resolve_resume_tag, save_checkpoint, universal_client_state)
 from common import HelpFormatter, all_ranks_ok, read_json, run_cli, write_atomic
-from data_utils import DataEngine
+from data import DATA_ORDERS, make_engine, split_global_batch
 from models.configuration_baichuan import BaiChuanConfig
 from models.flops import flops_per_token, peak_tflops_for
 from models.kernels import compile_decoder_layers
@@ -38,8 +39,8 @@ from training.validation import build_validation, check_val_args
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data_dir", default="data_dir", help="folder of UTF-8 text shards, one document per line; "
-                   "at least as many files as ranks")
+    p.add_argument("--data_dir", default="data_dir", help="folder of UTF-8 text files, one document per line "
+                   "(searched recursively; sub-folders can be --data_mix sources)")
     p.add_argument("--tokenizer_path", default="tokenizer.model", help="SentencePiece model file")
     p.add_argument("--max_length", type=int, default=4096, help="tokens per training sequence (context length)")
     p.add_argument("--save_every", "--steps_per_epoch", dest="save_every", type=int, default=2000,
@@ -72,6 +73,16 @@ def parse_args():
                    help="device peak TFLOPS for MFU (default: known for A100/A800/H100/H200, else MFU is null)")
     p.add_argument("--num_workers", type=int, default=None, help="tokenizer processes per rank")
     p.add_argument("--cache_dir", default=None, help="tokenized-shard cache (default <data_dir>/.cache)")
+    p.add_argument("--data_order", default="global", choices=DATA_ORDERS,
+                   help="global: batches fixed by data, seed, mixture and global batch, on any number of ranks "
+                        "(resumable on another world size); per_rank: the reference's file-per-rank order")
+    p.add_argument("--data_mix", default=None, help="JSON file of weighted sources under --data_dir (see "
+                   "docs/data.md); default: all files as one source")
+    p.add_argument("--allow_data_change", action="store_true", help="on resume, continue from the saved global "
+                   "sample count even if the mixture, seed, sequence length, global batch or files changed (the "
+                   "same as --allow_config_change data)")
+    p.add_argument("--max_bad_line_fraction", type=float, default=0.5, help="refuse a data file with NUL bytes or "
+                   "more undecodable lines than this share (1 = tokenize anything)")
     p.add_argument("--dist_timeout_minutes", type=int, default=30,
                    help="a collective that waits longer than this fails instead of hanging")
     p.add_argument("--val_dir", default=None, help="folder of held-out text shards for the validation loss")
@@ -152,13 +163,24 @@ def main():
     micro_bs = ds_config.get("train_micro_batch_size_per_gpu", 1)
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     save_dir = Path(args.checkpoint_saving_path)
+    resume_tag = resolve_resume_tag(save_dir, args.resume)
 
     # ---- data ------------------------------------------------------------------------------------------
     error = None
     try:
-        data = DataEngine(args.data_dir, args.tokenizer_path, micro_bs, args.max_length, world_size=world,
-                          rank=rank, seed=args.seed, cache_dir=args.cache_dir, num_workers=args.num_workers,
-                          device=device, holdout=None if args.val_fraction is None else (args.val_fraction, False))
+        # The global batch is the run's: from the config, else the checkpoint's, so a resume on another world
+        # size keeps it and changes only the accumulation.
+        saved = read_json(save_dir / resume_tag / "complete.json", "checkpoint") if resume_tag else {}
+        global_bs = ds_config.get("train_batch_size") or saved.get("global_batch_size") or \
+            micro_bs * ds_config.get("gradient_accumulation_steps", 1) * world
+        ds_config.update(train_batch_size=global_bs,
+                         gradient_accumulation_steps=split_global_batch(global_bs, micro_bs, world))
+        data = make_engine(args.data_order, data_dir=args.data_dir, tokenizer_path=args.tokenizer_path,
+                           micro_batch_size=micro_bs, max_length=args.max_length, global_batch_size=global_bs,
+                           num_batches=args.max_steps, world_size=world, rank=rank, seed=args.seed,
+                           cache_dir=args.cache_dir, num_workers=args.num_workers, device=device,
+                           data_mix=args.data_mix, max_bad_line_fraction=args.max_bad_line_fraction,
+                           holdout=None if args.val_fraction is None else (args.val_fraction, False))
     except (OSError, ValueError) as e:
         error = e
     all_ranks_ok(error, "opening the data")
@@ -191,7 +213,8 @@ def main():
     if config.vocab_size < data.vocab_size:
         raise ValueError(f"tokenizer {args.tokenizer_path} has {data.vocab_size} pieces but the model's "
                          f"vocab_size is {config.vocab_size}")
-    resume_tag = resolve_resume_tag(save_dir, args.resume)
+    # --allow_data_change is the resume table's "data" group.
+    allowed_changes = args.allow_config_change + (["data"] if args.allow_data_change else [])
     settings = run_settings(config, ds_config, args.seed, args.max_length, world, args.tokenizer_path,
                             getattr(data, "fingerprint", None))
     if resume_tag:
@@ -201,7 +224,7 @@ def main():
         try:
             stored = open_tag(save_dir, resume_tag)
             allowed = compare_settings(stored_settings(stored), settings,
-                                       args.allow_config_change, where=str(save_dir / resume_tag))
+                                       allowed_changes, where=str(save_dir / resume_tag))
             if allowed and rank == 0:
                 logging.warning("resuming with changed settings (allowed): %s", "; ".join(allowed))
         except (OSError, ValueError) as e:
@@ -228,6 +251,8 @@ def main():
             raise ValueError("--torch_compile is supported with ZeRO stages 0-2, not with ZeRO-3 "
                              f"({args.deepspeed_config})")
         compile_decoder_layers(model)
+    if resume_tag:  # another world size than the checkpoint's: re-partition through a universal checkpoint
+        load_dir, load_tag = prepare_resume(save_dir, resume_tag, world, ds_config)
     # The config's scheduler section drives our LambdaLR, so step k trains at the schedule's value for k.
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
                                            lr_scheduler=lr_scheduler_factory(ds_config))
@@ -236,9 +261,9 @@ def main():
     # ---- resume ----------------------------------------------------------------------------------------
     step = 0
     if resume_tag:
-        _, client = engine.load_checkpoint(str(save_dir), tag=resume_tag)
+        _, client = engine.load_checkpoint(load_dir, tag=load_tag)
         step = client["step"]
-        data.load_state_dict(client["data"])
+        data.load_state_dict(client["data"], allow_data_change="data" in allowed_changes)
         if rank == 0:
             point_latest(save_dir, resume_tag)
             print(f"resumed from {save_dir / resume_tag} at step {step}", flush=True)
@@ -264,9 +289,10 @@ def main():
     def save(tag_step: int):
         tag = f"step{tag_step}"
         client = {"step": tag_step, "data": data.state_dict(), "model_config": config.to_dict(),
-                  "run_settings": settings}
+                  "run_settings": settings, **universal_client_state()}
         # The tag carries its tokenizer: an export takes it from there, whatever later launches record.
-        save_checkpoint(engine, save_dir, tag, client, {"step": tag_step, "world_size": world},
+        save_checkpoint(engine, save_dir, tag, client,
+                        {"step": tag_step, "world_size": world, "global_batch_size": global_bs},
                         files={"tokenizer.model": args.tokenizer_path})
         if rank == 0:
             print(f"saved checkpoint {save_dir / tag}", flush=True)
@@ -304,7 +330,9 @@ def main():
                            "window_steps": window_steps, "lr": lr,
                            "grad_norm": None if grad_norm is None else float(grad_norm),
                            "tokens_per_sec": tokens_per_sec, "tflops": tflops,
-                           "mfu": tflops / peak if peak else None, "epoch": data.epoch, "time": time.time()})
+                           "mfu": tflops / peak if peak else None, "epoch": data.epoch, "time": time.time(),
+                           **({"tokens_by_source": data.tokens_by_source()}
+                              if hasattr(data, "tokens_by_source") else {})})
             window_loss.zero_()
             window_steps, t0 = 0, time.perf_counter()
 

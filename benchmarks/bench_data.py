@@ -26,6 +26,8 @@ Usage:
     python benchmarks/bench_data.py                      # 100 MB, workers 1 and 2, against the reference
     python benchmarks/bench_data.py --size-mb 20 --workers 2
     python benchmarks/bench_data.py --repeat 3             # each loader's fastest of 3 rounds (busy machines)
+    python benchmarks/bench_data.py --scale-tokens 2e9 --work-dir /tmp/bench-scale --tokenizer tokenizer.model
+        # one rank's start-up and memory on a 2e9-token synthetic cache: per_rank vs global order
 """
 from __future__ import annotations
 
@@ -163,6 +165,107 @@ def run_phase(name: str, args, **extra) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Scale: start-up and memory of one rank on a synthetic cache of --scale-tokens tokens (no tokenization)
+
+
+def build_synthetic_cache(work: Path, tokenizer: Path, tokens: int, files: int, max_length: int) -> Path:
+    """`files` small text files plus, for each, a cache entry of tokens/files random ids under the key the file
+    would get: the engines find every entry cached and tokenize nothing, as after scripts/tokenize_data.py."""
+    import hashlib
+
+    import numpy as np
+
+    from data.cache import CACHE_FORMAT, TokenCache
+
+    data, cache_dir = work / "data", work / "cache"
+    data.mkdir(parents=True, exist_ok=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache = TokenCache(cache_dir, tokenizer, num_workers=1)
+    rng = np.random.default_rng(0)
+    per_file = tokens // files
+    for k in range(files):
+        path = data / f"shard-{k:04d}.txt"
+        path.write_text(f"synthetic shard {k}\n", encoding="utf-8")
+        key = cache.key(path)
+        h = hashlib.blake2b(digest_size=16)
+        with open(cache_dir / f"{key}.bin", "wb") as f:
+            for lo in range(0, per_file, 1 << 26):
+                part = rng.integers(3, cache.vocab_size, min(1 << 26, per_file - lo), dtype=np.uint16)
+                h.update(part.tobytes())
+                part.tofile(f)
+        stats = {"lines": per_file // 200, "kept": per_file // 200, "short": 0, "bad": 0, "first_bad": None, "nul": 0}
+        (cache_dir / f"{key}.json").write_text(json.dumps({
+            "format": CACHE_FORMAT, "source": str(path), "dtype": "uint16", "tokens": per_file, "stats": stats,
+            "tokenizer": str(tokenizer), "blake2b": h.hexdigest()}))
+    return data
+
+
+def phase_scale(args) -> dict:
+    import torch  # noqa: F401  (imported before measuring, as train.py has it)
+
+    from data import make_engine
+
+    before = rss_bytes()
+    t0 = time.perf_counter()
+    samples = args.scale_tokens // (args.max_length + 1)
+    batches = samples // args.global_batch_size
+    engine = make_engine(args.order, data_dir=args.data, tokenizer_path=args.tokenizer,
+                         micro_batch_size=args.micro_batch_size, max_length=args.max_length,
+                         global_batch_size=args.global_batch_size, num_batches=batches, world_size=1, rank=0,
+                         cache_dir=args.cache, num_workers=1, show_progress=False, data_mix=None).load_data()
+    load_s = time.perf_counter() - t0
+    rss_load = rss_bytes() - before
+    t1 = time.perf_counter()
+    for _ in range(args.batches):
+        engine.get_data()
+    index = getattr(engine, "index", None)
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f)
+    return {"load_s": load_s, "batches_s": time.perf_counter() - t1, "rss_growth_after_load": rss_load,
+            "peak_rss": peak_rss_bytes(), "rss_anon": int(status["RssAnon"].split()[0]) * 1024,
+            "index_bytes": 0 if index is None else index.nbytes, "samples": samples, "index_batches": batches}
+
+
+def scale_main(args) -> int:
+    if not args.tokenizer.is_file():
+        raise SystemExit(f"need the tokenizer {args.tokenizer}")
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_data_scale_"))
+    work.mkdir(parents=True, exist_ok=True)
+    need = args.scale_tokens * 2
+    free = shutil.disk_usage(work).free
+    if free < need * 1.2:
+        raise SystemExit(f"{work} has {free / 1e9:.1f} GB free; the synthetic cache needs {need / 1e9:.1f} GB")
+    try:
+        t0 = time.perf_counter()
+        args.data = build_synthetic_cache(work, args.tokenizer, args.scale_tokens, args.shards, args.max_length)
+        args.cache = work / "cache"
+        print(f"synthetic cache: {args.scale_tokens:.3g} tokens in {args.shards} uint16 files at {work}; "
+              f"built in {time.perf_counter() - t0:.0f}s; load average {os.getloadavg()[0]:.2f}", flush=True)
+        rows = {}
+        for order in ("per_rank", "global"):  # per_rank: the reference's order (the baseline)
+            rows[order] = run_phase("scale", args, cache=args.cache, order=order, scale_tokens=args.scale_tokens,
+                                    global_batch_size=args.global_batch_size, batches=args.batches)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{args.scale_tokens:.3g} tokens, max_length {args.max_length}, micro-batch {args.micro_batch_size}, "
+          f"global batch {args.global_batch_size}, one rank, {args.batches} batches served after start-up\n")
+    print("| order | start-up s | first batches s | RSS growth at start MB | peak RSS MB | anonymous RSS MB | index MB "
+          "| index bytes/sample | load avg |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for order, r in rows.items():
+        print(f"| {order} | {r['load_s']:.1f} | {r['batches_s']:.1f} | {r['rss_growth_after_load'] / 2**20:,.0f} "
+              f"| {r['peak_rss'] / 2**20:,.0f} "
+              f"| {r['rss_anon'] / 2**20:,.0f} | {r['index_bytes'] / 2**20:,.1f} "
+              f"| {r['index_bytes'] / max(1, r['index_batches'] * args.global_batch_size):.1f} "
+              f"| {r['load'][0]:.2f} -> {r['load'][1]:.2f} |")
+    g, p = rows["global"], rows["per_rank"]
+    print(f"\nglobal vs per_rank: start-up {g['load_s'] / p['load_s']:.2f}x, "
+          f"peak RSS {g['peak_rss'] / p['peak_rss']:.2f}x")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--corpus", type=Path, default=SHARED / "corpus", help="folder of .txt files to build from")
@@ -179,16 +282,26 @@ def main(argv=None) -> int:
                         help="rounds of all phases; the table keeps each loader's fastest round")
     parser.add_argument("--skip-reference", action="store_true", help="measure DataEngine only")
     # Internal: one measurement in this process.
-    parser.add_argument("--phase", choices=["reference", "engine"], help=argparse.SUPPRESS)
+    parser.add_argument("--scale-tokens", type=float, default=None,
+                        help="instead: start-up time and memory of one rank on a synthetic uint16 cache of this many "
+                             "tokens (e.g. 2e9: 4 GB under --work-dir, deleted afterwards unless --keep)")
+    parser.add_argument("--global-batch-size", type=int, default=512, help="with --scale-tokens: the global batch")
+    parser.add_argument("--batches", type=int, default=200, help="with --scale-tokens: batches served after start-up")
+    parser.add_argument("--phase", choices=["reference", "engine", "scale"], help=argparse.SUPPRESS)
+    parser.add_argument("--order", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--num-workers", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.scale_tokens is not None:
+        args.scale_tokens = int(args.scale_tokens)
     if args.phase:
-        result = phase_reference(args) if args.phase == "reference" else phase_engine(args)
-        print(json.dumps(result))
+        phases = {"reference": phase_reference, "engine": phase_engine, "scale": phase_scale}
+        print(json.dumps(phases[args.phase](args)))
         return 0
+    if args.scale_tokens:
+        return scale_main(args)
 
     if not args.tokenizer.is_file() or not args.corpus.is_dir():
         raise SystemExit(f"need the tokenizer {args.tokenizer} and the corpus {args.corpus} (../shared/data)")

@@ -82,10 +82,11 @@ def workdir(tmp_path_factory):
 def first_batches(workdir):
     """Each rank's first training batch, as train.py's DataEngine serves it (this also fills the token cache the
     launches read)."""
-    from data_utils import DataEngine
+    from data import GlobalDataEngine
 
-    return [DataEngine(ROOT / "data_dir", TOKENIZER, MICRO_BS, MAX_LENGTH, world_size=2, rank=rank, seed=SEED,
-                       cache_dir=workdir / "token-cache", num_workers=1, show_progress=False).load_data().get_data()
+    return [GlobalDataEngine(ROOT / "data_dir", TOKENIZER, MICRO_BS, MAX_LENGTH, 2 * MICRO_BS, 3, world_size=2,
+                             rank=rank, seed=SEED, cache_dir=workdir / "token-cache", num_workers=1,
+                             show_progress=False).load_data().get_data()
             for rank in range(2)]
 
 

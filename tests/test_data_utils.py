@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-import data_utils
+import data.cache
 from conftest import shared_path
 from data_utils import DataEngine, DataWarning, list_data_files
 
@@ -222,12 +222,13 @@ def test_cache_is_reused_and_invalidated_by_content(corpus, tok, monkeypatch):
     rows = [first.get_data().tolist() for _ in range(3)]
 
     calls = []
-    real = data_utils.encode_lines
-    monkeypatch.setattr(data_utils, "encode_lines", lambda *a: calls.append(1) or real(*a))
+    real = data.cache.encode_lines
+    monkeypatch.setattr(data.cache, "encode_lines", lambda *a: calls.append(1) or real(*a))
     again = engine(data_dir, tok).load_data()
     assert calls == [] and again.num_tokens == first.num_tokens
     assert [again.get_data().tolist() for _ in range(3)] == rows
-    assert isinstance(again._stream.arrays[0], np.memmap) and again._stream.arrays[0].dtype == np.uint16
+    tokens = again._stream.entries[0].tokens
+    assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16
 
     write_lines(data_dir / "b.txt", lines[1] + [text_line(999, 50)])  # same name, new content
     changed = engine(data_dir, tok).load_data()
@@ -249,7 +250,7 @@ def test_damaged_cache_entry_is_rebuilt_with_a_warning(corpus, tok):
 
 def test_parallel_tokenization_matches_serial(corpus, tok, monkeypatch):
     data_dir, _ = corpus
-    monkeypatch.setattr(data_utils, "CHUNK_BYTES", 300)  # several chunks per file, cut at line boundaries
+    monkeypatch.setattr(data.cache, "CHUNK_BYTES", 300)  # several chunks per file, cut at line boundaries
     serial = engine(data_dir, tok, cache_dir=False, num_workers=1).load_data()
     parallel = engine(data_dir, tok, cache_dir=data_dir.parent / "pcache", num_workers=2).load_data()
     assert parallel.num_tokens == serial.num_tokens

@@ -217,7 +217,7 @@ def textbook_loop(init, steps):
     import json
 
     from conftest import ROOT
-    from data_utils import DataEngine
+    from data import GlobalDataEngine
     from test_model import to_llama
     from test_train import TOKENIZER
 
@@ -227,8 +227,9 @@ def textbook_loop(init, steps):
     opt = torch.optim.AdamW(llama.parameters(), lr=PEAK, betas=tuple(cfg["betas"]), eps=cfg["eps"],
                             weight_decay=cfg["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(STEPS, WARMUP, 0.0, 0.1, "linear"))
-    engines = [DataEngine(ROOT / "data_dir", TOKENIZER, 2, 64, world_size=2, rank=r, num_workers=1,
-                          cache_dir=False, show_progress=False).load_data() for r in range(2)]
+    # train.py's default global order: global batch 4 = micro-batch 2 x 2 ranks.
+    engines = [GlobalDataEngine(ROOT / "data_dir", TOKENIZER, 2, 64, 4, steps, world_size=2, rank=r, num_workers=1,
+                                cache_dir=False, show_progress=False).load_data() for r in range(2)]
     # Each rank runs the engines' load_data sync alone here; both hold enough samples for 6 steps either way.
     out, models = [], []
     for k in range(steps):

@@ -34,6 +34,9 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.monitor is not None and self.monitor.enabled:
-            self.monitor.write_events([(k, float(v), record["step"]) for k, v in record.items()
+            # One level of dicts becomes name/key curves (tokens_by_source/<source>).
+            flat = {f"{k}/{sub}" if isinstance(v, dict) else k: x for k, v in record.items()
+                    for sub, x in (v.items() if isinstance(v, dict) else [(None, v)])}
+            self.monitor.write_events([(k, float(v), record["step"]) for k, v in flat.items()
                                        if k not in ("step", "time") and isinstance(v, (int, float))
                                        and not isinstance(v, bool) and math.isfinite(v)])
