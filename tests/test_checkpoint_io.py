@@ -217,6 +217,24 @@ def test_export_folder_loads_without_this_repository(exported, batch, workdir):
     torch.testing.assert_close(torch.load(workdir / "logits-sub.pt"), expected, rtol=0, atol=0)
 
 
+def test_llama_format_export_equals_the_baichuan_export(runs, exported, workdir, batch):
+    """--format llama: the same checkpoint as a standard Llama folder (q/k/v split, no remote code)."""
+    from transformers import LlamaForCausalLM
+    folder = convert_checkpoint.convert(runs[3], workdir / "llama3", dtype="fp32", format="llama")
+    assert {"q_proj", "k_proj", "v_proj"} <= {n.split(".")[-2] for n in load_file_names(folder)}
+    assert "auto_map" not in json.loads((folder / "config.json").read_text())
+    assert json.loads((folder / "export_info.json").read_text())["format"] == "llama"
+    llama = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(llama(batch).logits, load(exported[3])(batch).logits, rtol=0, atol=1e-5)
+
+
+def load_file_names(folder: Path):
+    from safetensors import safe_open
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
 def test_tag_choice_latest_and_named(runs, exported, workdir, batch):
     step2 = convert_checkpoint.convert(runs[2], workdir / "hf2-step2", tag="step2", dtype="fp32")
     assert json.loads((step2 / "export_info.json").read_text())["step"] == 2
