@@ -19,8 +19,10 @@ How: DeepSpeed's own ``zero_to_fp32`` rebuilds the fp32 master weights from ever
 Memory: ZeRO-3 partitions are memory-mapped and each weight is gathered on its own, then written shard by shard,
 so the peak is about one output shard; ZeRO-2 partitions are concatenated by DeepSpeed into one flat vector,
 i.e. the consolidated fp32 weights once (28 GB for 7B). The model config comes from the checkpoint itself
-(train.py stores it as client state), with training-only fields reset: ``loss_chunk_size`` 0, ``use_cache``
-true, attention / norm kernels "auto".
+(train.py stores it as client state), with ``use_cache`` turned back on.
+
+``--format llama`` writes a standard Llama folder instead (q/k/v split, ``LlamaConfig``, a Llama tokenizer over
+the same SentencePiece model) that loads with ``trust_remote_code=False``; see llama_export.py.
 
 Only complete checkpoints are exported: a tag without ``complete.json`` (a job killed while saving) is refused,
 and so is one whose files differ from those sealed or would run code when loaded (checkpoint_safety.py). The
@@ -38,6 +40,7 @@ from typing import Optional
 
 import torch
 
+import llama_export
 from checkpointing import open_tag, resolve_checkpoint_tag
 from common import REPO_ROOT as ROOT, HelpFormatter
 from resume_rules import model_fields, tokenizer_sha256
@@ -65,6 +68,10 @@ def parse_args(argv=None):
                         "recorded (default: the copy inside the tag)")
     p.add_argument("--model_config", default=None,
                    help="preset or config.json, only for checkpoints that do not record their model config")
+    p.add_argument("--format", choices=["baichuan", "llama"], default="baichuan",
+                   help="baichuan: the released baichuan-7B layout (W_pack, our code, trust_remote_code); llama: a "
+                        "standard Llama folder (q/k/v split, LlamaConfig, Llama tokenizer) that loads without remote "
+                        "code (see llama_export.py)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace output_dir if it already holds a model folder")
     return p.parse_args(argv)
@@ -72,11 +79,9 @@ def parse_args(argv=None):
 
 def export_config(model_config: dict, dtype: torch.dtype) -> BaiChuanConfig:
     config = BaiChuanConfig.from_dict(dict(model_config))
-    # Training-only choices: the exported model computes plain logits, caches keys/values when generating and
-    # picks its kernels on the machine that loads it.
-    config.loss_chunk_size = 0
+    # train.py turns the cache off; the exported model caches keys/values when generating. Run settings that
+    # older checkpoints recorded (kernels, loss chunk) were dropped by BaiChuanConfig on the way in.
     config.use_cache = True
-    config.attention_backend = config.norm_backend = "auto"
     config.architectures = ["BaiChuanForCausalLM"]
     config.dtype = dtype
     return config
@@ -150,7 +155,7 @@ def prepare_output(output_dir: Path, overwrite: bool) -> Path:
 
 def convert(checkpoint_dir, output_dir, tag: Optional[str] = None, dtype: str = "bf16", max_shard_size="5GB",
             tokenizer_path: Optional[str] = None, model_config: Optional[str] = None,
-            overwrite: bool = False) -> Path:
+            overwrite: bool = False, format: str = "baichuan") -> Path:
     """Write the Hugging Face folder for `checkpoint_dir`/`tag`; returns output_dir. The function behind the CLI."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -159,6 +164,8 @@ def convert(checkpoint_dir, output_dir, tag: Optional[str] = None, dtype: str = 
     from transformers.dynamic_module_utils import custom_object_save
 
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    if format not in ("baichuan", "llama"):
+        raise ValueError(f"--format {format!r}: choose baichuan or llama")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     torch_dtype = DTYPES[dtype]
@@ -214,6 +221,8 @@ def convert(checkpoint_dir, output_dir, tag: Optional[str] = None, dtype: str = 
             raise ValueError(f"{tag_dir}: the checkpoint's weights do not fit its model config: "
                              + "; ".join(problems))
 
+        if format == "llama":
+            want, state = llama_export.llama_shapes(want), llama_export.SplitQKV(state)
         # Plan shards on meta tensors of the output dtype (transformers' file names), then fill one at a time.
         plan = split_torch_state_dict_into_shards(
             {n: torch.empty(s, dtype=torch_dtype, device="meta") for n, s in want.items()},
@@ -228,14 +237,20 @@ def convert(checkpoint_dir, output_dir, tag: Optional[str] = None, dtype: str = 
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         del state
 
-        custom_object_save(skeleton, tmp, config=config)  # modeling_baichuan.py (+ its imports), auto_map entry
-        config.save_pretrained(tmp)  # config.json, configuration_baichuan.py
-        GenerationConfig.from_model_config(config).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)  # tokenizer.model, tokenizer_config.json, tokenization_baichuan.py
+        if format == "llama":
+            llama_config = llama_export.llama_config(config, torch_dtype)
+            llama_config.save_pretrained(tmp)
+            GenerationConfig.from_model_config(llama_config).save_pretrained(tmp)
+            llama_export.save_llama_tokenizer(tokenizer.vocab_file, tmp)
+        else:
+            custom_object_save(skeleton, tmp, config=config)  # modeling_baichuan.py (+ its imports), auto_map entry
+            config.save_pretrained(tmp)  # config.json, configuration_baichuan.py
+            GenerationConfig.from_model_config(config).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)  # tokenizer.model, tokenizer_config.json, tokenization_baichuan.py
         info = {"source": str(checkpoint_dir.resolve()), "tag": tag, "step": client.get("step"), "dtype": dtype,
                 "deepspeed_version": client.get("ds_version"), "world_size": client.get("dp_world_size"),
                 "zero_stage": (client.get("ds_config") or {}).get("zero_optimization", {}).get("stage"),
-                "tokenizer": str(Path(tokenizer.vocab_file).resolve()), "time": time.time()}
+                "tokenizer": str(Path(tokenizer.vocab_file).resolve()), "format": format, "time": time.time()}
         (tmp / "export_info.json").write_text(json.dumps(info, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -251,7 +266,7 @@ def main(argv=None):
     try:
         out = convert(args.checkpoint_dir, args.output_dir, tag=args.tag, dtype=args.dtype,
                       max_shard_size=args.max_shard_size, tokenizer_path=args.tokenizer_path,
-                      model_config=args.model_config, overwrite=args.overwrite)
+                      model_config=args.model_config, overwrite=args.overwrite, format=args.format)
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"convert_checkpoint: error: {e}")
     files = sorted(p.name for p in out.iterdir())

@@ -7,7 +7,7 @@ settings (``model``, ``optimizer``, ``scheduler.params``) or a group (``data``: 
 tokens a step sees; ``--allow_data_change`` is the same as ``--allow_config_change data``).
 
 Refused unless allowed (REFUSED below):
-    model.<field>       every field of the model config except the kernel choices in FREE_MODEL_FIELDS
+    model.<field>       every field of the model config (architecture only) except use_cache
     seed, max_length, global_batch_size, tokenizer, data_fingerprint          (group ``data``)
     optimizer.*, gradient_clipping, scheduler.*      (the resolved schedule: an "auto" length follows --max_steps)
     precision.bf16, precision.fp16, zero_stage
@@ -35,8 +35,8 @@ REFUSED = (
     ("zero_stage", "zero", "ZeRO stage: the optimizer state's layout"),
 )
 GROUPS = sorted({group for _, group, _ in REFUSED})
-# Model config fields that choose kernels or memory use, not the function computed.
-FREE_MODEL_FIELDS = ("use_cache", "attention_backend", "norm_backend", "loss_chunk_size")
+# Model config fields that do not change the function computed (kernels and the loss chunk are not config fields).
+FREE_MODEL_FIELDS = ("use_cache",)
 
 
 def tokenizer_sha256(path) -> str:

@@ -63,7 +63,8 @@ def parse_args():
     p.add_argument("--checkpoint_every", type=int, default=1,
                    help="with --gradient_checkpointing: checkpoint every k-th layer (1 = all)")
     p.add_argument("--attention_backend", default=None, choices=["auto", "flash_attention_2", "sdpa", "eager"],
-                   help="force an attention kernel (default: the model config's, 'auto')")
+                   help="force an attention kernel, as transformers' attn_implementation (default: 'auto', "
+                        "flash-attn where installed and the batch allows, else SDPA)")
     p.add_argument("--loss_chunk_size", type=int, default=1024,
                    help="tokens per chunk of the vocabulary projection in the loss, so fp32 logits for the whole "
                         "batch never exist at once (0 = unchunked)")
@@ -134,6 +135,8 @@ def parse_args():
     args = p.parse_args()
     if args.deepspeed_config is None:
         p.error("--deepspeed_config is required (see config/deepspeed.json)")
+    if args.loss_chunk_size < 0:
+        p.error("--loss_chunk_size must be >= 0")
     for flag in ("max_length", "save_every", "max_steps", "checkpoint_every", "max_skipped_steps"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
@@ -235,10 +238,9 @@ def main():
         all_ranks_ok(error, "loading the --eval_tasks benchmarks")
 
     # ---- model and engine --------------------------------------------------------------------------------
-    overrides = {"loss_chunk_size": args.loss_chunk_size, "use_cache": False}
+    config = BaiChuanConfig.from_name(args.model_config, use_cache=False)
     if args.attention_backend:
-        overrides["attention_backend"] = args.attention_backend
-    config = BaiChuanConfig.from_name(args.model_config, **overrides)
+        config._attn_implementation = args.attention_backend  # transformers' attn_implementation
     if args.max_length > config.max_position_embeddings:
         raise ValueError(f"--max_length {args.max_length} is longer than the model's max_position_embeddings "
                          f"{config.max_position_embeddings} (--model_config {args.model_config})")
@@ -275,9 +277,10 @@ def main():
             model = BaiChuanForCausalLM(config)
     if args.init_from and not resume_tag:
         load_folder_weights(model, Path(args.init_from), zero3=zero3)
+    model.loss_chunk_size = args.loss_chunk_size
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.model.checkpoint_every = args.checkpoint_every
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
+                                            checkpoint_every=args.checkpoint_every)
     if args.torch_compile:
         if zero3:  # ZeRO-3 gathers parameters in module hooks, which the compiled layers would have to trace
             raise ValueError("--torch_compile is supported with ZeRO stages 0-2, not with ZeRO-3 "

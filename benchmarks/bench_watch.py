@@ -60,10 +60,9 @@ def main(argv=None):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    config = BaiChuanConfig.from_name("tiny", attention_backend=args.attention_backend, use_cache=False,
-                                      loss_chunk_size=1024,  # train.py's default
-                                      max_position_embeddings=args.seq + 1)
-    model = BaiChuanForCausalLM(config).to(device=device, dtype=dtype)
+    config = BaiChuanConfig.from_name("tiny", use_cache=False, max_position_embeddings=args.seq + 1,
+                                      attn_implementation=args.attention_backend)
+    model = BaiChuanForCausalLM(config).to(device=device, dtype=dtype)  # loss chunked as in train.py
     data = DataEngine(ROOT / "data_dir", ROOT / "tokenizer.model", args.micro_batch, args.seq, world_size=1,
                       rank=0, cache_dir=False, show_progress=False).load_data()
     batch = torch.from_numpy(data.batch_array(0)).to(device)  # [micro_batch, seq + 1]

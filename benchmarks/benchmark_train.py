@@ -104,15 +104,14 @@ def parse_args(argv=None):
     return args
 
 
-def model_config(args, loss_chunk_size=0):
+def model_config(args):
     from models.configuration_baichuan import BaiChuanConfig
 
     overrides = {k: v for k, v in (("hidden_size", args.hidden_size), ("num_hidden_layers", args.num_layers),
                                    ("num_attention_heads", args.num_heads),
                                    ("intermediate_size", args.intermediate_size), ("vocab_size", args.vocab_size))
                  if v is not None}
-    overrides.update(loss_chunk_size=loss_chunk_size, attention_backend=args.attention_backend, use_cache=False,
-                     max_position_embeddings=max(args.seq_len, 4096))
+    overrides.update(use_cache=False, max_position_embeddings=max(args.seq_len, 4096))
     return BaiChuanConfig.from_name(args.preset, **overrides)
 
 
@@ -136,10 +135,12 @@ def build_model(spec: dict, args):
 
     from models.modeling_baichuan import BaiChuanForCausalLM
 
-    config = model_config(args, spec.get("loss_chunk_size", 0))
+    config = model_config(args)
     with torch.device(args.device):  # initialise on the device: a 7B-wide model builds in seconds there
         if spec["kind"] == "ours":
+            config._attn_implementation = args.attention_backend  # transformers' attn_implementation
             model = BaiChuanForCausalLM(config)
+            model.loss_chunk_size = spec.get("loss_chunk_size", 0)
         else:
             model = LlamaForCausalLM(LlamaConfig(
                 vocab_size=config.vocab_size, hidden_size=config.hidden_size,
@@ -149,10 +150,11 @@ def build_model(spec: dict, args):
                 rope_theta=config.rope_theta, tie_word_embeddings=False, use_cache=False,
                 attn_implementation=spec.get("attention") or llama_attention(args.device)))
     model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]).train()
-    if args.checkpoint_every:
+    if args.checkpoint_every and spec["kind"] == "ours":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
+                                            checkpoint_every=args.checkpoint_every)
+    elif args.checkpoint_every:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if spec["kind"] == "ours":
-            model.model.checkpoint_every = args.checkpoint_every
     if spec["compile"]:
         from models.kernels import compile_decoder_layers
 

@@ -177,7 +177,7 @@ def small_config(c: Context, **overrides) -> BaiChuanConfig:
     """Head size 128 as at 7B, so the kernels run the tile sizes training uses."""
     fields = (dict(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_attention_heads=8)
               if c.cuda else dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_attention_heads=2))
-    fields.update(num_hidden_layers=2, max_position_embeddings=4096, loss_chunk_size=0)
+    fields.update(num_hidden_layers=2, max_position_embeddings=4096)
     fields.update(overrides)
     return BaiChuanConfig(**fields)
 
@@ -185,6 +185,8 @@ def small_config(c: Context, **overrides) -> BaiChuanConfig:
 def make_model(config, seed=0):
     torch.manual_seed(seed)
     model = BaiChuanForCausalLM(config)
+    model.loss_chunk_size = 0  # forward_backward compares the logits, which a chunked loss does not return
+    model.set_norm_backend("torch")
     with torch.no_grad():  # non-trivial norm weights, so a skipped or misapplied norm cannot hide behind ones
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -247,7 +249,7 @@ def attention_kernels(c: Context, backends):
 def attention_parity(c: Context):
     """SDPA and flash-attn 2 (where importable) against eager: logits and gradients, unpadded and padded."""
     b, s = (2, 1024) if c.cuda else (2, 128)
-    config = small_config(c, norm_backend="torch")  # apex's RMSNorm, where importable, is checked on its own below
+    config = small_config(c)  # make_model: torch RMSNorm; apex's, where importable, is checked on its own below
     ref_model = make_model(config).to(c.device)
     torch.manual_seed(1)
     ids = torch.randint(3, config.vocab_size, (b, s), device=c.device)
@@ -264,9 +266,9 @@ def attention_parity(c: Context):
 
     attention_kernels(c, backends[1:])
 
-    ref_model.config.attention_backend = "eager"
+    ref_model.config._attn_implementation = "eager"
     ref_logits, ref_grads = forward_backward(ref_model, ids)
-    ref_model.config.attention_backend = "sdpa"
+    ref_model.config._attn_implementation = "sdpa"
     logits, grads = forward_backward(ref_model, ids)
     c.check("fp32 SDPA logits = eager", rel_err(logits, ref_logits) <= FP32_RTOL, error=rel_err(logits, ref_logits),
             tolerance=FP32_RTOL)
@@ -277,7 +279,7 @@ def attention_parity(c: Context):
     bf16 = make_model(config).to(device=c.device, dtype=torch.bfloat16)
     results = {}
     for backend in backends:
-        bf16.config.attention_backend = backend
+        bf16.config._attn_implementation = backend
         results[backend] = forward_backward(bf16, ids)
     eager_logits, eager_grads = results["eager"]
     c.data["bf16_eager_logits_error"] = rel_err(eager_logits, ref_logits)
@@ -287,20 +289,20 @@ def attention_parity(c: Context):
         grads_rule(c, f"bf16 {backend} gradients", results[backend][1], ref_grads, eager_grads)
 
     # A padded batch, compared on real tokens only (padding positions predict nothing).
-    ref_model.config.attention_backend = "eager"
+    ref_model.config._attn_implementation = "eager"
     real = s // 4  # row 1's first real position; row 0 is unpadded and was checked above
     with torch.no_grad():
         ref_padded = ref_model(ids, attention_mask=pad).logits[1, real:]  # [real tokens of row 1, V]
         outs = {}
         for backend in backends:
-            bf16.config.attention_backend = backend
+            bf16.config._attn_implementation = backend
             outs[backend] = bf16(ids, attention_mask=pad).logits[1, real:]
     base = rel_err(outs["eager"], ref_padded)
     for backend in backends[1:]:
         bf16_rule(c, f"bf16 {backend} padded-batch logits", rel_err(outs[backend], ref_padded), base)
 
     if fused_rms_norm_affine is not None and c.cuda:
-        bf16.config.attention_backend = "eager"
+        bf16.config._attn_implementation = "eager"
         for module in bf16.modules():
             if isinstance(module, RMSNorm):
                 module.backend = "apex"
@@ -363,20 +365,20 @@ def fused_loss(c: Context):
 def kv_cache_generation(c: Context):
     """Cached generation against uncached, on the device; decode steps against the full forward in bf16;
     scripts/generate.py's device and dtype choice."""
-    config = small_config(c, norm_backend="torch")
+    config = small_config(c)
     model = make_model(config).to(c.device).eval()
     torch.manual_seed(2)
     prompt = torch.randint(3, config.vocab_size, (1, 9), device=c.device)
     kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         for backend in ("sdpa", "eager"):
-            model.config.attention_backend = backend
+            model.config._attn_implementation = backend
             cached = model.generate(prompt, use_cache=True, **kw)
             uncached = model.generate(prompt, use_cache=False, **kw)
             c.check(f"fp32 {backend}: greedy generation with the cache = without", torch.equal(cached, uncached),
                     new_tokens=kw["max_new_tokens"])
         # a left-padded batch (masked attention with a cache) gives each prompt's own continuation
-        model.config.attention_backend = "auto"
+        model.config._attn_implementation = "auto"
         prompts = [torch.randint(3, config.vocab_size, (n,), device=c.device) for n in (11, 5, 8)]
         width = max(len(p) for p in prompts)
         ids = torch.zeros(len(prompts), width, dtype=torch.long, device=c.device)
@@ -393,7 +395,7 @@ def kv_cache_generation(c: Context):
         seq = torch.randint(3, config.vocab_size, (2, 64), device=c.device)
         ref = model(seq).logits
         bf16 = make_model(config).to(device=c.device, dtype=torch.bfloat16).eval()
-        bf16.config.attention_backend = "auto"
+        bf16.config._attn_implementation = "auto"
         full = bf16(seq).logits
         for block in (1, 8):
             out = bf16(seq[:, :40], use_cache=True)
@@ -491,7 +493,7 @@ def document_mask(c: Context):
 
     if "document_ids" not in inspect.signature(BaiChuanForCausalLM.forward).parameters:
         raise Skip("the model takes no document_ids on this branch (train.py --document_mask)")
-    config = small_config(c, norm_backend="torch")
+    config = small_config(c)
     lengths = [[300, 500, 224], [1024]] if c.cuda else [[40, 60, 28], [128]]  # documents of each row
     torch.manual_seed(4)
     ids = torch.randint(3, config.vocab_size, (len(lengths), sum(lengths[0])), device=c.device)  # [b, s]
@@ -511,15 +513,15 @@ def document_mask(c: Context):
     fp32 = make_model(config).to(c.device).eval()
     bf16 = make_model(config).to(device=c.device, dtype=torch.bfloat16).eval()
     with torch.no_grad():
-        fp32.config.attention_backend = bf16.config.attention_backend = "eager"
+        fp32.config._attn_implementation = bf16.config._attn_implementation = "eager"
         ref, base = alone(fp32), alone(bf16)
         for backend in backends[:2]:
-            fp32.config.attention_backend = backend
+            fp32.config._attn_implementation = backend
             err = rel_err(fp32(ids, position_ids=pos, document_ids=doc).logits, ref)
             c.check(f"fp32 {backend}: packed documents = each alone", err <= FP32_RTOL, error=err,
                     tolerance=FP32_RTOL)
         for backend in backends:
-            bf16.config.attention_backend = backend
+            bf16.config._attn_implementation = backend
             bf16_rule(c, f"bf16 {backend}: packed documents = each alone",
                       rel_err(bf16(ids, position_ids=pos, document_ids=doc).logits, ref), rel_err(base, ref))
 

@@ -240,7 +240,9 @@ def add_runtime_args(parser: argparse.ArgumentParser):
     g.add_argument("--batch_size", type=int, default=16,
                    help="questions per forward pass in the fast engine (lower it if memory runs out)")
     g.add_argument("--max_length", type=int, default=2048,
-                   help="shots are dropped one at a time while the prompt is longer than this many tokens")
+                   help="shots are dropped one at a time (the one nearest the question first) while the prompt "
+                        "is longer than this many tokens or than the model's max_position_embeddings, whichever "
+                        "is smaller; a question that does not fit alone is an error")
     g.add_argument("--engine", choices=["fast", "plain"], default="fast",
                    help="fast: cached few-shot prefix + batches; plain: the reference's one-question-at-a-"
                         "time full-prompt forward (same predictions, much slower)")
@@ -310,6 +312,18 @@ def load_model_and_tokenizer(path: str, device_map: str = "auto", dtype: str = "
         from models.tokenization_baichuan import BaiChuanTokenizer
         tokenizer = BaiChuanTokenizer(vocab_file=vocab, add_bos_token=False, add_eos_token=False)
     return model.eval(), tokenizer
+
+
+def prompt_limit(model, max_length: int) -> int:
+    """The most tokens a prompt may have: ``--max_length``, and never more than the model's context."""
+    if max_length < 1:
+        raise ValueError(f"--max_length must be >= 1, got {max_length}")
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and context < max_length:
+        print(f"note: prompts are limited to the model's max_position_embeddings {context}, below "
+              f"--max_length {max_length}")
+        return int(context)
+    return max_length
 
 
 def refuse_remote_code(path, error: BaseException, trust_remote_code: bool) -> None:

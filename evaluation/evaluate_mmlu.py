@@ -1,8 +1,9 @@
 """MMLU few-shot evaluation with the hendrycks protocol, as baichuan-7B's reference ``evaluate_mmlu.py``.
 
 Protocol (unchanged from the reference): k = 5 shots, the first k rows of ``dev/<subject>_dev.csv``;
-the prompt of ``evaluation/prompts.py`` (hendrycks format); shots dropped one at a time while the prompt
-is longer than 2048 tokens; prompts encoded without BOS; the prediction is the argmax over A-D of the
+the prompt of ``evaluation/prompts.py`` (hendrycks format); shots dropped one at a time (the one nearest the
+question first) while the prompt is longer than 2048 tokens or the model's context, and a question that does
+not fit alone an error naming the subject and row; prompts encoded without BOS; the prediction is the argmax over A-D of the
 last position's logits at ``tokenizer(letter).input_ids[-1]``. Accuracies are question-weighted within
 each subject, subcategory, category and overall, as the reference.
 
@@ -33,8 +34,8 @@ import numpy as np
 from evaluation.categories import MMLU_CATEGORIES, MMLU_SUBCATEGORIES, MMLU_TABLE_COLUMNS
 from evaluation.data import LETTERS, DataError, load_mmlu
 from evaluation.engine import (FewShotEngine, add_runtime_args, load_model_and_tokenizer, model_name,
-                               parse_subjects, predict, select_gpus)
-from evaluation.prompts import PromptStyle, fit_prompt
+                               parse_subjects, predict, prompt_limit, select_gpus)
+from evaluation.prompts import PromptStyle, PromptTooLong, fit_prompt
 from common import HelpFormatter, run_cli
 
 
@@ -59,14 +60,16 @@ def parse_args(argv=None):
     return args
 
 
-def write_subject_csv(path, subject, name, probs, cors):
-    """The test rows followed by the reference's extra columns (pandas' to_csv layout, integer headers)."""
+def write_subject_csv(path, subject, name, probs, cors, shots):
+    """The test rows followed by the reference's extra columns (pandas' to_csv layout, integer headers), then
+    the number of shots each prompt kept to fit the length limit."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow([str(i) for i in range(6)] + [f"{name}_correct"]
-                   + [f"{name}_choice{letter}_probs" for letter in LETTERS])
-        for q, p, c in zip(subject.test, probs, cors):
-            w.writerow([q.question, *q.options, q.answer, str(bool(c))] + [str(np.float32(x)) for x in p])
+                   + [f"{name}_choice{letter}_probs" for letter in LETTERS] + ["shots"])
+        for q, p, c, k in zip(subject.test, probs, cors, shots):
+            w.writerow([q.question, *q.options, q.answer, str(bool(c))] + [str(np.float32(x)) for x in p]
+                       + [str(k)])
 
 
 def main(argv=None):
@@ -82,6 +85,7 @@ def main(argv=None):
     out_dir = os.path.join(args.save_dir, f"results_{name}")
     os.makedirs(out_dir, exist_ok=True)
 
+    limit = prompt_limit(model, args.max_length)
     from tqdm import tqdm
 
     start = time.time()
@@ -89,7 +93,7 @@ def main(argv=None):
     with tqdm(total=sum(len(s.test) for s in subjects), desc="MMLU", unit="q", file=sys.stderr) as bar:
         for subject in subjects:
             style = PromptStyle("en", subject.name)
-            requests = [fit_prompt(style, subject.dev[:args.ntrain], q, tokenizer, args.max_length)
+            requests = [fit_prompt(style, subject.dev[:args.ntrain], q, tokenizer, limit, subject.name)
                         for q in subject.test]
             fewer_shots += sum(r.shots < args.ntrain for r in requests)
             logits = engine.score([r.ids for r in requests], [r.shots for r in requests], progress=bar)
@@ -98,7 +102,8 @@ def main(argv=None):
             all_cors[subject.name] = cors
             subject_acc[subject.name] = float(cors.mean())
             bar.write("Average accuracy {:.3f} - {}".format(cors.mean(), subject.name))
-            write_subject_csv(os.path.join(out_dir, f"{subject.name}.csv"), subject, name, probs, cors)
+            write_subject_csv(os.path.join(out_dir, f"{subject.name}.csv"), subject, name, probs, cors,
+                              [r.shots for r in requests])
 
     # Question-weighted, as the reference: concatenate the per-question results of the members.
     subcat_acc, cat_acc = {}, {}
@@ -121,13 +126,14 @@ def main(argv=None):
     print("\n| Model | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
     print(f"| {name} | " + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in values) + " |")
     if fewer_shots:
-        print(f"{fewer_shots} question(s) used fewer than {args.ntrain} shots to fit --max_length {args.max_length}")
+        print(f"{fewer_shots} question(s) used fewer than {args.ntrain} shots to fit {limit} tokens "
+              "(the `shots` column of the subject CSVs)")
 
     summary = {
         "average": average, "categories": cat_acc, "subcategories": subcat_acc, "subjects": subject_acc,
         "questions": int(sum(len(c) for c in all_cors.values())), "fewer_shots": int(fewer_shots),
         "config": {"model": args.model, "data_dir": args.data_dir, "split": args.split, "ntrain": args.ntrain,
-                   "max_length": args.max_length, "engine": args.engine, "batch_size": args.batch_size,
+                   "max_length": limit, "engine": args.engine, "batch_size": args.batch_size,
                    "dtype": str(next(model.parameters()).dtype), "max_questions": args.max_questions,
                    "seconds": round(time.time() - start, 1)},
     }
@@ -139,5 +145,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         run_cli(main)
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, PromptTooLong, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

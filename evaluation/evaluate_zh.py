@@ -10,7 +10,9 @@ and the scoring is the reference's: the argmax over A-D of the last position's l
 ``tokenizer(letter).input_ids[-1]``, prompts encoded without BOS. Shots are the first k dev rows, so runs
 are deterministic; the reference reshuffled the dev rows for every question without a seed, which
 ``--shuffle_shots --seed N`` reproduces in kind (seeded per subject). Shots are dropped one at a time
-while a prompt is longer than ``--max_length`` tokens (2048, as the MMLU protocol).
+while a prompt is longer than ``--max_length`` tokens (2048, as the MMLU protocol) or the model's
+``max_position_embeddings``, the one nearest the question first; a question that does not fit alone is an
+error naming the subject and row.
 
 Tasks (``--task``): ``ceval`` (52 subjects, splits val/test/dev; ``test`` has no answers, so the
 leaderboard submission file ``submission.json`` = ``{subject: {id: letter}}`` is written instead of
@@ -46,8 +48,8 @@ import numpy as np
 from evaluation import categories as cats
 from evaluation.data import LETTERS, LOADERS, DataError
 from evaluation.engine import (FewShotEngine, add_runtime_args, load_model_and_tokenizer,
-                               parse_subjects, predict, select_gpus)
-from evaluation.prompts import PromptStyle, fit_prompt
+                               parse_subjects, predict, prompt_limit, select_gpus)
+from evaluation.prompts import PromptStyle, PromptTooLong, fit_prompt
 from common import HelpFormatter, run_cli
 
 TASKS = ("ceval", "cmmlu", "gaokao", "agieval")
@@ -153,6 +155,7 @@ def main(argv=None):
     engine = FewShotEngine(model, tokenizer, batch_size=args.batch_size, mode=args.engine)
     os.makedirs(args.output_dir, exist_ok=True)
 
+    limit = prompt_limit(model, args.max_length)
     from tqdm import tqdm
 
     start = time.time()
@@ -161,7 +164,8 @@ def main(argv=None):
         for subject in subjects:
             style = prompt_style(args.task, subject.name)
             rng = random.Random(f"{args.seed}:{subject.name}") if args.shuffle_shots else None
-            requests = [fit_prompt(style, shots_for(subject, args.shot, rng), q, tokenizer, args.max_length)
+            requests = [fit_prompt(style, shots_for(subject, args.shot, rng), q, tokenizer, limit,
+                                   subject.name)
                         for q in subject.test]
             fewer_shots += sum(r.shots < args.shot for r in requests)
             logits = engine.score([r.ids for r in requests], [r.shots for r in requests], progress=bar)
@@ -184,11 +188,12 @@ def main(argv=None):
 
     config = {"task": args.task, "model": args.model_name_or_path, "data_dir": args.data_dir, "split": args.split,
               "shot": args.shot, "shuffle_shots": args.shuffle_shots, "seed": args.seed,
-              "max_length": args.max_length, "engine": args.engine, "batch_size": args.batch_size,
+              "max_length": limit, "engine": args.engine, "batch_size": args.batch_size,
               "dtype": str(next(model.parameters()).dtype), "max_questions": args.max_questions,
               "seconds": round(time.time() - start, 1)}
     if fewer_shots:
-        print(f"{fewer_shots} question(s) used fewer than {args.shot} shots to fit --max_length {args.max_length}")
+        print(f"{fewer_shots} question(s) used fewer than {args.shot} shots to fit {limit} tokens "
+              "(`shots` in the subject files)")
     if not has_answers:
         path = os.path.join(args.output_dir, "submission.json")
         with open(path, "w", encoding="utf-8") as f:
@@ -215,5 +220,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         run_cli(main)
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, PromptTooLong, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

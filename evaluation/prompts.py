@@ -71,17 +71,27 @@ def encode(tokenizer, text: str) -> List[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def fit_prompt(style: PromptStyle, shots: Sequence[Question], q: Question, tokenizer,
-               max_length: int = DEFAULT_MAX_LENGTH) -> Request:
-    """The prompt with the first k shots, k dropped one at a time while it is longer than ``max_length``.
+class PromptTooLong(ValueError):
+    """A question that does not fit the model's context even without shots; names the subject and the row."""
 
-    At k = 0 the prompt is kept even if it is still too long (the reference would go on to k = -1, which
-    silently means "all shots" in its ``gen_prompt``).
+
+def fit_prompt(style: PromptStyle, shots: Sequence[Question], q: Question, tokenizer,
+               max_length: int = DEFAULT_MAX_LENGTH, subject: str = "") -> Request:
+    """The prompt with the first k shots, k lowered one at a time while it is longer than ``max_length``.
+
+    Lowering k drops the shot nearest the question first, as the reference's MMLU script does. The
+    reference went on past k = 0 (its ``gen_prompt`` then silently used every shot again) and handed the
+    model whatever was left; here a question that does not fit on its own is refused, since the positions
+    past the model's context would give numbers that mean nothing.
     """
     k = len(shots)
     while True:
         prompt = style.prompt(shots[:k], q)
         ids = encode(tokenizer, prompt)
-        if len(ids) <= max_length or k == 0:
+        if len(ids) <= max_length:
             return Request(prompt, ids, k)
+        if k == 0:
+            raise PromptTooLong(f"subject '{subject or style.name}', {q.where}: the question alone is {len(ids)} "
+                                f"tokens, longer than the limit of {max_length} (the model's context or "
+                                "--max_length); it cannot be scored")
         k -= 1

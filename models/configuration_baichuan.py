@@ -4,17 +4,22 @@ Named presets live as JSON files in ``config/model/<name>.json`` (``7b``, ``tiny
 file is what ``BaiChuanConfig.from_name`` reads, what ``train.py --model_config`` takes and what a
 model folder's ``config.json`` looks like.
 """
+import inspect
 import json
-import os
 from pathlib import Path
 
 from transformers.configuration_utils import PretrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # The presets sit beside the repository; an exported model folder has no config/ and does not need it.
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "config" / "model"
 
-ATTENTION_BACKENDS = ("auto", "flash_attention_2", "sdpa", "eager")
-NORM_BACKENDS = ("auto", "apex", "torch")
+# Run settings that configs written by earlier versions carried; they now belong to the model object or to
+# train.py (attn_implementation, set_norm_backend, loss_chunk_size, gradient_checkpointing_enable), so a file
+# holding them still loads, without them.
+RETIRED_FIELDS = ("attention_backend", "norm_backend", "loss_chunk_size")
 # transformers' names: "linear" divides positions by the factor (Position Interpolation); "dynamic" (NTK-aware)
 # raises the rotary base with the sequence length once it passes max_position_embeddings.
 ROPE_SCALING_TYPES = ("linear", "dynamic")
@@ -68,12 +73,13 @@ class BaiChuanConfig(PretrainedConfig):
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
-        attention_backend="auto",
-        norm_backend="auto",
-        loss_chunk_size=0,
         rope_scaling=None,
         **kwargs,
     ):
+        retired = sorted(k for k in RETIRED_FIELDS if kwargs.pop(k, None) is not None)
+        if retired:
+            logger.warning("BaiChuanConfig: ignoring run settings %s from an older config (no longer part of the "
+                           "model config)", ", ".join(retired))
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -87,10 +93,6 @@ class BaiChuanConfig(PretrainedConfig):
         # {"type": "linear" | "dynamic", "factor": f}, f relative to max_position_embeddings; None = plain RoPE.
         self.rope_scaling = normalize_rope_scaling(rope_scaling)
         self.use_cache = use_cache
-        self.attention_backend = attention_backend
-        self.norm_backend = norm_backend
-        # Tokens per chunk of the vocabulary projection in the loss; 0 = one piece (see BaiChuanForCausalLM.loss).
-        self.loss_chunk_size = loss_chunk_size
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -117,14 +119,6 @@ class BaiChuanConfig(PretrainedConfig):
                 f"{self.hidden_size // self.num_attention_heads} must be even for rotary embeddings")
         if self.hidden_act != "silu":
             raise ValueError(f"BaiChuanConfig: hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"BaiChuanConfig: attention_backend must be one of {ATTENTION_BACKENDS}, "
-                             f"got {self.attention_backend!r}")
-        if self.norm_backend not in NORM_BACKENDS:
-            raise ValueError(f"BaiChuanConfig: norm_backend must be one of {NORM_BACKENDS}, "
-                             f"got {self.norm_backend!r}")
-        if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:
-            raise ValueError(f"BaiChuanConfig: loss_chunk_size must be an integer >= 0, got {self.loss_chunk_size!r}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"BaiChuanConfig: rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
 
@@ -157,6 +151,12 @@ class BaiChuanConfig(PretrainedConfig):
                 fields = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"model config {path} is not valid JSON: {e}") from e
+        # A typo in an override would otherwise become a silent extra attribute.
+        known = (set(inspect.signature(cls.__init__).parameters) | set(PretrainedConfig().to_dict())
+                 | {"attn_implementation"})
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"BaiChuanConfig.from_name({name!r}): unknown config fields {unknown}")
         fields.update(overrides)
         return cls(**fields)
 

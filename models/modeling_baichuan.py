@@ -3,7 +3,9 @@
 Parameter names match the released checkpoints (``model.layers.{i}.self_attn.W_pack.weight`` ...), so a
 released ``pytorch_model.bin`` loads as it is. Kernels (flash-attn 2, PyTorch SDPA, eager; apex's fused
 RMSNorm) are chosen in one place, ``ATTENTION_FUNCTIONS`` / ``select_attention``, from the tensors at hand,
-never from ``self.training``: training and inference take the same path.
+never from ``self.training``: training and inference take the same path. transformers' ``attn_implementation``
+(``from_pretrained(..., attn_implementation="eager")`` or ``model.set_attn_implementation``) forces one; by
+default ("auto") flash-attn runs where it can, else SDPA. ``set_norm_backend`` forces the RMSNorm kernel.
 
 Shapes: b = batch, s = query length, t = key length (cache included), h = hidden, n = heads, d = head size.
 """
@@ -124,6 +126,9 @@ ATTENTION_FUNCTIONS = {
     "sdpa": sdpa_attention,
     "eager": eager_attention,
 }
+# The names transformers' attn_implementation may take here; "auto" (nothing requested) decides per call.
+ATTENTION_BACKENDS = ("auto", *ATTENTION_FUNCTIONS)
+NORM_BACKENDS = ("auto", "apex", "torch")
 
 
 def select_attention(requested: str, q: torch.Tensor, mask: Optional[torch.Tensor]) -> str:
@@ -132,7 +137,7 @@ def select_attention(requested: str, q: torch.Tensor, mask: Optional[torch.Tenso
                 and (mask is None or isinstance(mask, DocumentMask)))
     if requested == "flash_attention_2":
         if flash_attn_func is None:
-            raise RuntimeError("attention_backend='flash_attention_2' was forced but flash_attn is not "
+            raise RuntimeError("attn_implementation='flash_attention_2' was forced but flash_attn is not "
                                "importable (pip install -r requirements-gpu.txt)")
         if not flash_ok:
             # A padded batch or fp32/CPU tensors: flash-attn cannot run them; SDPA computes the same thing.
@@ -150,7 +155,7 @@ def rms_norm(x, weight, eps, backend):
         _log_backend_once("rmsnorm", "apex")
         return fused_rms_norm_affine(x, weight, weight.shape, eps)
     if backend == "apex" and fused_rms_norm_affine is None:
-        raise RuntimeError("norm_backend='apex' was forced but apex is not importable")
+        raise RuntimeError("the 'apex' RMSNorm backend was forced but apex is not importable")
     _log_backend_once("rmsnorm", "torch")
     input_dtype = x.dtype
     variance = x.float().pow(2).mean(-1, keepdim=True)  # in fp32: bf16 squares lose too much
@@ -163,6 +168,8 @@ def rms_norm(x, weight, eps, backend):
 # ----------------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
+    """``backend``: "auto" (apex's fused kernel on CUDA when importable, else PyTorch), "apex" or "torch"."""
+
     def __init__(self, hidden_size: int, eps: float = 1e-6, backend: str = "auto"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
@@ -264,7 +271,7 @@ class Attention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if past_key_value is not None:
             k, v = past_key_value.update(k, v, self.layer_idx)  # [b, n, t, d]
-        backend = select_attention(self.config.attention_backend, q, mask)
+        backend = select_attention(self.config._attn_implementation, q, mask)
         _log_backend_once("attention", backend)
         out = ATTENTION_FUNCTIONS[backend](q, k, v, mask)  # [b, n, s, d]
         out = out.transpose(1, 2).reshape(b, s, self.hidden_size)  # [b, n, s, d] -> [b, s, h]
@@ -276,8 +283,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_backend)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_backend)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, position_ids, mask, past_key_value=None):
         x = x + self.self_attn(self.input_layernorm(x), position_ids, mask, past_key_value)
@@ -294,6 +301,47 @@ class BaiChuanPreTrainedModel(PreTrainedModel):
     _supports_flash_attn_2 = True
     # Released checkpoints carry the rotary inverse frequencies; they are recomputed from the sizes.
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check: bool = False) -> str:
+        """transformers' ``attn_implementation`` mapped onto ATTENTION_FUNCTIONS; None (nothing asked) = "auto".
+
+        Replaces transformers' check, which would turn None into "sdpa" and so rule out flash-attn by default.
+        """
+        requested = attn_implementation or "auto"
+        if requested not in ATTENTION_BACKENDS:
+            raise ValueError(f"attn_implementation must be one of {ATTENTION_BACKENDS}, got {requested!r}")
+        if requested == "flash_attention_2" and flash_attn_func is None:
+            raise RuntimeError("attn_implementation='flash_attention_2' was forced but flash_attn is not "
+                               "importable (pip install -r requirements-gpu.txt)")
+        return requested
+
+    def set_norm_backend(self, backend: str):
+        """Force the RMSNorm kernel of every norm: "auto", "apex" or "torch" (the reference for tests)."""
+        if backend not in NORM_BACKENDS:
+            raise ValueError(f"norm backend must be one of {NORM_BACKENDS}, got {backend!r}")
+        if backend == "apex" and fused_rms_norm_affine is None:
+            raise RuntimeError("the 'apex' RMSNorm backend was forced but apex is not importable")
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.backend = backend
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, checkpoint_every: int = 1):
+        """Recompute activations in backward, in decoder layers i with i % checkpoint_every == 0 (1 = all).
+
+        Layers always run torch.utils.checkpoint non-reentrant; ``gradient_checkpointing_kwargs`` is accepted
+        for transformers' signature and must not ask for the reentrant variant.
+        """
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+        if (gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
+            raise ValueError("BaiChuan checkpoints its layers non-reentrantly; use_reentrant=True is not supported")
+        base = self.model if isinstance(self, BaiChuanForCausalLM) else self
+        base.gradient_checkpointing = True
+        base.checkpoint_every = checkpoint_every
+
+    def gradient_checkpointing_disable(self):
+        base = self.model if isinstance(self, BaiChuanForCausalLM) else self
+        base.gradient_checkpointing = False
 
     def _init_weights(self, module):
         params = list(module.parameters(recurse=False))
@@ -361,9 +409,9 @@ class BaiChuanModel(BaiChuanPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_backend)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
-        self.checkpoint_every = 1  # checkpoint layers i with i % checkpoint_every == 0
+        self.checkpoint_every = 1  # set by gradient_checkpointing_enable: layers i with i % checkpoint_every == 0
         self.post_init()
 
     def get_input_embeddings(self):
@@ -429,6 +477,10 @@ def _chunk_loss_sum(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tens
 
 
 class BaiChuanForCausalLM(BaiChuanPreTrainedModel, GenerationMixin):
+    # Tokens per chunk of the vocabulary projection in the loss (see loss); 0 = one piece. A run setting, not
+    # architecture: train.py --loss_chunk_size sets it on the model.
+    loss_chunk_size: int = 1024
+
     def __init__(self, config: BaiChuanConfig):
         super().__init__(config)
         self.model = BaiChuanModel(config)
@@ -453,7 +505,7 @@ class BaiChuanForCausalLM(BaiChuanPreTrainedModel, GenerationMixin):
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean next-token cross-entropy of ``hidden`` [b, s, h] against ``labels`` [b, s] (-100 ignored).
 
-        With ``config.loss_chunk_size`` > 0 the vocabulary projection runs over chunks of that many tokens,
+        With ``self.loss_chunk_size`` > 0 (the default) the vocabulary projection runs over chunks of that many tokens,
         gradients computed chunk by chunk (models/kernels.py), so the fp32 logits [b, s, vocab] (1 GiB per
         4096-token sequence at vocab 64000) never exist at once. The result and gradients equal the unchunked
         computation. ``logits`` [b, s, vocab], when the caller has them already, are used rather than recomputed.
@@ -468,7 +520,7 @@ class BaiChuanForCausalLM(BaiChuanPreTrainedModel, GenerationMixin):
             return total / count.clamp(min=1)
         labels = labels.reshape(-1)  # [b*(s-1)]
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [b*(s-1), h]
-        chunk = self.config.loss_chunk_size
+        chunk = self.loss_chunk_size
         if chunk <= 0:
             total = _chunk_loss_sum(self.lm_head, hidden, labels)
         elif not hasattr(self.lm_head.weight, "ds_id"):
@@ -494,7 +546,7 @@ class BaiChuanForCausalLM(BaiChuanPreTrainedModel, GenerationMixin):
                          document_ids=document_ids)
         hidden = out.last_hidden_state  # [b, s, h]
         loss = logits = None
-        chunked = labels is not None and self.config.loss_chunk_size > 0
+        chunked = labels is not None and self.loss_chunk_size > 0
         if return_logits or (return_logits is None and not chunked):
             keep = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
             logits = self.lm_head(keep)  # [b, s or logits_to_keep, vocab]

@@ -13,7 +13,8 @@ fi
 _repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${VENV:-$_repo/.venv}
 _want="torch==2.13.0 extras=${EXTRAS:-} $(cat "$_repo/requirements.txt" "$_repo/pyproject.toml" | cksum)"
-if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.baichuan-setup" 2>/dev/null)" != "$_want" ]; then
+# One line per set-up done (requirements x extras), so train.sh and test.sh do not undo each other's.
+if [ ! -x "$VENV/bin/python" ] || ! grep -qxF "$_want" "$VENV/.baichuan-setup" 2>/dev/null; then
   echo "setup: preparing $VENV (torch 2.13.0 and requirements.txt; once, a few minutes)" >&2
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   _torch_args=()
@@ -25,7 +26,7 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.baichuan-setup" 2>/dev/null)"
   _target="$_repo"
   [ -n "${EXTRAS:-}" ] && _target="$_repo[$EXTRAS]"
   "$VENV/bin/python" -m pip install -q -e "$_target"
-  echo "$_want" > "$VENV/.baichuan-setup"
+  echo "$_want" >> "$VENV/.baichuan-setup"
   echo "setup: $VENV ready" >&2
 fi
 export PATH="$VENV/bin:$PATH"

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from models.configuration_baichuan import BaiChuanConfig
 from models.modeling_baichuan import BaiChuanForCausalLM
+from training.schedule import lr_scheduler_factory
 
 batch_path, *jobs = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 deepspeed.init_distributed()
@@ -31,7 +32,8 @@ for job in jobs:
             model = BaiChuanForCausalLM(config)
     else:
         model = BaiChuanForCausalLM(config)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
+                                      lr_scheduler=lr_scheduler_factory(ds_config))
     path, _ = engine.load_checkpoint(ckpt_dir, tag=tag)
     assert path is not None, f"engine.load_checkpoint found nothing at {ckpt_dir}/{tag}"
     engine.eval()

@@ -167,7 +167,7 @@ def folder_loss(folder: Path, batches) -> float:
 def test_exported_logits_equal_training_engine_logits(stage, exported, engine_logits, batch):
     model = load(exported[stage])
     with torch.no_grad():
-        out = model(batch, labels=batch)
+        out = model(batch, labels=batch, return_logits=True)
     assert engine_logits[stage]["stage"] == stage
     torch.testing.assert_close(out.logits, engine_logits[stage]["logits"], rtol=0, atol=1e-6)
     assert out.loss.item() == pytest.approx(engine_logits[stage]["loss"], abs=1e-5)
@@ -184,7 +184,8 @@ def test_export_folder_loads_without_this_repository(exported, batch, workdir):
     assert config["auto_map"] == {"AutoConfig": "configuration_baichuan.BaiChuanConfig",
                                   "AutoModelForCausalLM": "modeling_baichuan.BaiChuanForCausalLM"}
     assert config["architectures"] == ["BaiChuanForCausalLM"] and config["dtype"] == "float32"
-    assert config["loss_chunk_size"] == 0 and config["use_cache"] is True  # training-only fields reset
+    assert config["use_cache"] is True  # train.py's run turned it off
+    assert not {"loss_chunk_size", "attention_backend", "norm_backend"} & set(config)  # run settings stay out
     info = json.loads((folder / "export_info.json").read_text())
     assert (info["tag"], info["step"], info["zero_stage"], info["world_size"]) == ("step3", 3, 3, 2)
 
@@ -214,6 +215,24 @@ def test_export_folder_loads_without_this_repository(exported, batch, workdir):
     with torch.no_grad():
         expected = load(folder)(batch).logits
     torch.testing.assert_close(torch.load(workdir / "logits-sub.pt"), expected, rtol=0, atol=0)
+
+
+def test_llama_format_export_equals_the_baichuan_export(runs, exported, workdir, batch):
+    """--format llama: the same checkpoint as a standard Llama folder (q/k/v split, no remote code)."""
+    from transformers import LlamaForCausalLM
+    folder = convert_checkpoint.convert(runs[3], workdir / "llama3", dtype="fp32", format="llama")
+    assert {"q_proj", "k_proj", "v_proj"} <= {n.split(".")[-2] for n in load_file_names(folder)}
+    assert "auto_map" not in json.loads((folder / "config.json").read_text())
+    assert json.loads((folder / "export_info.json").read_text())["format"] == "llama"
+    llama = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(llama(batch).logits, load(exported[3])(batch).logits, rtol=0, atol=1e-5)
+
+
+def load_file_names(folder: Path):
+    from safetensors import safe_open
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return list(f.keys())
 
 
 def test_tag_choice_latest_and_named(runs, exported, workdir, batch):

@@ -13,7 +13,7 @@ from conftest import FIXTURES, shared_path
 from evaluation import categories as cats
 from evaluation.data import (DataError, load_agieval, load_ceval, load_cmmlu, load_gaokao, load_mmlu,
                              read_mmlu_csv)
-from evaluation.prompts import PromptStyle, fit_prompt
+from evaluation.prompts import PromptStyle, PromptTooLong, fit_prompt
 
 
 def raw_rows(path, header=False):
@@ -253,8 +253,10 @@ def test_shots_dropped_one_at_a_time_until_the_prompt_fits(tokenizer, bench):
     # A limit exactly at the 3-shot length keeps 3 shots; one token less drops to 2.
     assert fit_prompt(style, subject.dev[:5], q, tokenizer, lengths[3]).shots == 3
     assert fit_prompt(style, subject.dev[:5], q, tokenizer, lengths[3] - 1).shots == 2
-    # Even 0 shots is too long: the question alone is still scored.
-    assert fit_prompt(style, subject.dev[:5], q, tokenizer, 10).shots == 0
+    # Even 0 shots is too long: refused, naming the subject and the row, never fed past the limit.
+    with pytest.raises(PromptTooLong, match=r"subject 'high_school_european_history', .*high_school_european_"
+                       r"history_test\.csv, row 1: the question alone is \d+ tokens, longer than the limit of 10"):
+        fit_prompt(style, subject.dev[:5], q, tokenizer, 10, subject.name)
 
 
 def test_prompts_are_encoded_without_bos(tokenizer, bench):

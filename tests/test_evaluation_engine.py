@@ -37,12 +37,16 @@ def save_tokenizer(path):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A model folder as this project writes it: config + weights + code (trust_remote_code) + tokenizer."""
+    """A model folder as this project writes it: config + weights + code (trust_remote_code) + tokenizer.
+
+    Its context (4096) fits every prompt of the reference protocol (at most 2048 tokens), so the scorers are
+    compared on the reference's prompts; the tiny preset's 512 positions would drop shots.
+    """
     from models.configuration_baichuan import BaiChuanConfig
     from models.modeling_baichuan import BaiChuanForCausalLM
     path = tmp_path_factory.mktemp("models") / "tiny-baichuan"
     torch.manual_seed(0)
-    BaiChuanForCausalLM(BaiChuanConfig.from_name("tiny")).save_pretrained(path)
+    BaiChuanForCausalLM(BaiChuanConfig.from_name("tiny", max_position_embeddings=4096)).save_pretrained(path)
     save_tokenizer(path)
     return path
 
@@ -203,12 +207,13 @@ def test_evaluate_mmlu_outputs(tiny_dir, tmp_path, capsys):
         with open(results / f"{subject}.csv", newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
         assert rows[0] == ["0", "1", "2", "3", "4", "5", "tiny-baichuan_correct"] + [
-            f"tiny-baichuan_choice{x}_probs" for x in "ABCD"]
+            f"tiny-baichuan_choice{x}_probs" for x in "ABCD"] + ["shots"]
         raw = list(csv.reader(open(DATA / "mmlu" / "test" / f"{subject}_test.csv", newline="",
                                    encoding="utf-8")))[:6]
         assert [r[:6] for r in rows[1:]] == raw
         for r in rows[1:]:
-            probs = [float(x) for x in r[7:]]
+            probs = [float(x) for x in r[7:11]]
+            assert r[11] == "5"
             assert abs(sum(probs) - 1) < 1e-5
             assert r[6] == str("ABCD"[int(np.argmax(probs))] == r[5])
         cors[subject] = [r[6] == "True" for r in rows[1:]]

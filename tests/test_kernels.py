@@ -72,12 +72,14 @@ def test_linear_cross_entropy_bad_input_is_a_clear_error():
         linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), 0)
 
 
-def tiny(**overrides):
+def tiny(loss_chunk_size=BaiChuanForCausalLM.loss_chunk_size, **overrides):
     fields = dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=128)
     fields.update(overrides)
     torch.manual_seed(0)
-    return BaiChuanForCausalLM(BaiChuanConfig(**fields)).train()
+    model = BaiChuanForCausalLM(BaiChuanConfig(**fields)).train()
+    model.loss_chunk_size = loss_chunk_size
+    return model
 
 
 def loss_and_grads(model, ids, labels):

@@ -24,9 +24,10 @@ def tiny_config(**overrides):
     return BaiChuanConfig(**fields)
 
 
-def make_model(seed=0, **overrides):
+def make_model(seed=0, loss_chunk_size=BaiChuanForCausalLM.loss_chunk_size, **overrides):
     torch.manual_seed(seed)
     model = BaiChuanForCausalLM(tiny_config(**overrides)).eval()
+    model.loss_chunk_size = loss_chunk_size
     # Non-trivial norm weights, so a swapped or missing norm cannot hide behind ones.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -60,7 +61,7 @@ def test_matches_transformers_llama_fp32():
     model = make_model()
     llama = to_llama(model)
     ids = torch.randint(3, 512, (2, 24))
-    ours = model(ids, labels=ids)
+    ours = model(ids, labels=ids, return_logits=True)  # the loss chunked, as by default
     ref = llama(ids, labels=ids)
     assert ours.logits.shape == (2, 24, 512)
     torch.testing.assert_close(ours.logits, ref.logits, rtol=0, atol=1e-5)
@@ -72,7 +73,7 @@ def test_loss_ignores_minus_100_and_shifts():
     ids = torch.randint(3, 512, (2, 12))
     labels = ids.clone()
     labels[:, :5] = -100
-    out = model(ids, labels=labels)
+    out = model(ids, labels=labels, return_logits=True)
     logits = out.logits[:, :-1].reshape(-1, 512)
     expected = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(out.loss, expected)
@@ -101,8 +102,8 @@ def test_attention_backends_equal_eager(backend):
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_model_backends_agree(backend):
     ids = torch.randint(3, 512, (2, 16))
-    ref = make_model(attention_backend="eager")(ids).logits
-    torch.testing.assert_close(make_model(attention_backend=backend)(ids).logits, ref, atol=1e-5, rtol=1e-5)
+    ref = make_model(attn_implementation="eager")(ids).logits
+    torch.testing.assert_close(make_model(attn_implementation=backend)(ids).logits, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_chosen_backend_is_logged_once(caplog):
@@ -110,7 +111,7 @@ def test_chosen_backend_is_logged_once(caplog):
 
     modeling._logged_backends.clear()
     caplog.set_level(logging.INFO, logger=modeling.logger.name)
-    model = make_model(attention_backend="auto")
+    model = make_model()  # no attn_implementation: "auto"
     model(torch.tensor([[5, 6, 7]]))
     model(torch.tensor([[5, 6, 7, 8]]))
     messages = [r.getMessage() for r in caplog.records if "backend" in r.getMessage()]
@@ -122,7 +123,7 @@ def test_forced_flash_without_package_is_a_clear_error():
     if flash_attn_func is not None:
         pytest.skip("flash_attn is installed here")
     with pytest.raises(RuntimeError, match="flash_attn is not importable"):
-        make_model(attention_backend="flash_attention_2")(torch.tensor([[5, 6, 7]]))
+        make_model(attn_implementation="flash_attention_2")
 
 
 def test_chunked_loss_equals_plain_loss_and_gradients():
@@ -155,8 +156,8 @@ def test_gradient_checkpointing_same_loss_and_grads(every):
     for ckpt in (False, True):
         model = make_model(num_hidden_layers=3).train()
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.model.checkpoint_every = every
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
+                                                checkpoint_every=every)
             assert model.model.gradient_checkpointing
         loss = model(ids, labels=ids).loss
         loss.backward()

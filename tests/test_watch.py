@@ -15,9 +15,11 @@ EOS = 2
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
     fields = dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=128, loss_chunk_size=0, use_cache=False)
+                  num_attention_heads=4, max_position_embeddings=128, use_cache=False)
     fields.update(overrides)
-    return BaiChuanForCausalLM(BaiChuanConfig(**fields)).eval()
+    model = BaiChuanForCausalLM(BaiChuanConfig(**fields)).eval()
+    model.loss_chunk_size = 0  # these tests read the logits of a forward with labels
+    return model
 
 
 def packed_rows(seed=0):
@@ -49,7 +51,7 @@ def test_document_inputs_restart_positions_and_drop_cross_document_labels():
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_packed_loss_equals_documents_run_one_by_one(backend):
-    model = tiny_model(attention_backend=backend)
+    model = tiny_model(attn_implementation=backend)
     batch, pieces = packed_rows()
     inputs = document_inputs(batch, EOS)
     with torch.no_grad():
