@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO_ROOT as ROOT, HelpFormatter, peak_rss_bytes, rss_bytes, shared_data_dir
+from common import HelpFormatter, peak_rss_bytes, rss_bytes, shared_data_dir
 
 SHARED = shared_data_dir()
 EOS, MIN_TOKENS = 2, 20

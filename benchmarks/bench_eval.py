@@ -20,7 +20,6 @@ times a real folder instead (e.g. baichuan-7B on a GPU).
 """
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 

@@ -28,11 +28,9 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import io
-import os
 import random
 import re
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path

@@ -41,7 +41,6 @@ import os
 import random
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 

@@ -37,13 +37,14 @@ def make_model(seed=0, loss_chunk_size=BaiChuanForCausalLM.loss_chunk_size, **ov
 
 
 def to_llama(model: BaiChuanForCausalLM) -> LlamaForCausalLM:
+    """The same weights in transformers' LlamaForCausalLM, with the same rope_scaling dict."""
     c = model.config
     llama = LlamaForCausalLM(LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_attention_heads, max_position_embeddings=c.max_position_embeddings,
         rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=False,
-        attn_implementation="eager")).eval()
+        rope_scaling=c.rope_scaling, attn_implementation="eager")).eval()
     state = {}
     for name, tensor in model.state_dict().items():
         if "W_pack" in name:

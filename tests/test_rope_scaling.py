@@ -5,45 +5,18 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.configuration_baichuan import BaiChuanConfig
-from models.modeling_baichuan import BaiChuanForCausalLM
+from test_model import make_model, to_llama
 
 MAX_POS = 32
 
 
 def tiny_model(seed=0, rope_scaling=None, vocab_size=256):
-    torch.manual_seed(seed)
-    config = BaiChuanConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=MAX_POS, rope_scaling=rope_scaling)
-    model = BaiChuanForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
+    return make_model(seed, vocab_size=vocab_size, max_position_embeddings=MAX_POS, rope_scaling=rope_scaling)
 
 
-def llama_twin(model: BaiChuanForCausalLM) -> LlamaForCausalLM:
-    """The same weights in transformers' LlamaForCausalLM, with the same rope_scaling dict."""
-    c = model.config
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_attention_heads, max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=False,
-        rope_scaling=c.rope_scaling, attn_implementation="eager")).eval()
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if "W_pack" in name:
-            for part, t in zip("qkv", tensor.chunk(3, dim=0)):  # W_pack rows are q, k, v in that order
-                state[name.replace("W_pack", f"{part}_proj")] = t
-        else:
-            state[name] = tensor
-    missing, unexpected = llama.load_state_dict(state, strict=False)
-    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
-    return llama
+llama_twin = to_llama
 
 
 @pytest.mark.parametrize("kind", ["linear", "dynamic"])

@@ -17,7 +17,6 @@ Logged per task (docs/metrics.md): ``eval/<task>/acc``, ``eval/<task>/p_correct`
 correct letter after the softmax over the letters: smoother than accuracy for a small model) and
 ``eval/<task>/questions``.
 """
-import sys
 from pathlib import Path
 from typing import List, Tuple
 
