@@ -39,6 +39,9 @@ MIN_LINE_TOKENS = 20
 CACHE_FORMAT = 2  # 2: blake2b checksum and NUL count in the metadata; bump when the layout or rule changes
 CHUNK_BYTES = 256 << 10  # unit of work for a tokenizer process: IPC stays negligible, the last chunk ends soon
 MAX_BAD_LINE_FRACTION = 0.5  # a file mostly undecodable is taken for binary data
+# Below this many bytes tokenizing in this process beats starting worker processes (each imports the launching
+# script, torch and DeepSpeed included): the shipped sample tokenizes in about a second.
+IN_PROCESS_BYTES = 16 << 20
 
 
 class DataWarning(UserWarning):
@@ -393,6 +396,8 @@ class TokenCache:
         payloads = [(str(paths[i]), off, length, self.min_line_tokens, self.eos_id, self.token_dtype.name,
                      self.holdout) for i, off, length in tasks]
         workers = min(self.num_workers, len(tasks))
+        if sum(length for _, _, length in tasks) < IN_PROCESS_BYTES:
+            workers = 1
         sinks, totals, entries = {}, {}, [None] * len(paths)
         from tqdm import tqdm  # here, not at the top: tokenizer workers import this module and never need it
 
