@@ -56,7 +56,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -92,6 +92,7 @@ class DataEngine:
         eos_id: appended after every line; must be the tokenizer's EOS id (2 for the baichuan tokenizer).
         show_progress: show the tokenization progress bar; default: on rank 0 only.
         max_bad_line_fraction: a file with more undecodable lines than this, or any NUL byte, is refused.
+        files: only these files of data_dir (one --data_mix source, for the per-source validation loss).
     """
 
     def __init__(self, data_dir, tokenizer_path, micro_batch_size: int, max_length: int,
@@ -99,7 +100,7 @@ class DataEngine:
                  cache_dir=None, num_workers: Optional[int] = None, device="cpu", *,
                  min_line_tokens: int = MIN_LINE_TOKENS, eos_id: int = EOS_TOKEN_ID,
                  show_progress: Optional[bool] = None, max_bad_line_fraction: float = MAX_BAD_LINE_FRACTION,
-                 holdout: Optional[Tuple[float, bool]] = None):
+                 holdout: Optional[Tuple[float, bool]] = None, files: Optional[Sequence[Path]] = None):
         for name, value in (("micro_batch_size", micro_batch_size), ("max_length", max_length)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -126,6 +127,9 @@ class DataEngine:
 
         exclude = [self.cache_dir] if self.cache_dir is not None else []
         self.all_files = list_data_files(self.data_dir, exclude=exclude)
+        if files is not None:  # one source of a mixture (training/validation.py)
+            chosen = {Path(f).resolve() for f in files}
+            self.all_files = [f for f in self.all_files if f.resolve() in chosen]
         if not self.all_files:
             raise ValueError(f"no data files in {self.data_dir} (hidden files and folders, such as the cache folder "
                              ".cache, are ignored)")
