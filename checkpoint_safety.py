@@ -44,8 +44,15 @@ class CheckpointWriteError(OSError):
         return self.strerror
 
 
-# Tests replace this to simulate a failing disk: called with the path before each checkpoint file is written.
+# Tests replace this to simulate a failing disk (ENOSPC) or a folder that became read-only (EACCES, EROFS):
+# called with the path before every write to a checkpoint folder (check_write), and raises the OSError.
 io_fault_hook: Optional[Callable[[Path], None]] = None
+
+
+def check_write(path: Path) -> None:
+    """Where a checkpoint file is about to be written, created or removed: the test hook's fault, if any."""
+    if io_fault_hook is not None:
+        io_fault_hook(Path(path))
 
 
 def safe_load(path, what: str = "checkpoint file"):
@@ -116,6 +123,8 @@ def describe_write_error(path: Path, error: BaseException, needed: Optional[int]
         text += f"[Errno {code} {errno.errorcode.get(code, '?')}] {os.strerror(code)}"
     else:
         text += f"{type(error).__name__}: {error}"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        text += f"; {path.parent} is not writable (permissions changed, or the file system is mounted read-only)"
     if code == errno.ENOSPC:
         try:
             free = shutil.disk_usage(path.parent).free
@@ -156,8 +165,7 @@ class SaveGuard:
             return  # this rank already failed; the rest of the tag is not worth writing
         path = Path(path)
         try:
-            if io_fault_hook is not None:
-                io_fault_hook(path)
+            check_write(path)
             with open(path, "wb") as f:
                 torch.save(state_dict, f)
                 f.flush()

@@ -22,7 +22,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from checkpoint_safety import CheckpointWriteError, SaveGuard, file_sizes, safe_load, verify_tag_files
+from checkpoint_safety import CheckpointWriteError, SaveGuard, check_write, file_sizes, safe_load, verify_tag_files
 from common import all_ranks_ok, read_json, write_atomic  # noqa: F401 - re-exported for callers of this module
 
 COMPLETE_MARKER = "complete.json"
@@ -47,6 +47,7 @@ def unseal(save_dir: Path, tag: str) -> None:
     until mark_complete seals it again."""
     marker = Path(save_dir) / validate_tag(tag) / COMPLETE_MARKER
     if marker.exists():
+        check_write(marker)
         marker.unlink()
         _fsync_dir(marker.parent)
 
@@ -63,8 +64,10 @@ def mark_complete(save_dir: Path, tag: str, info: dict) -> None:
     """Rank 0, after a barrier that follows every rank's save: seal the tag (recording its files' sizes) and
     point `latest` at it; both written atomically and fsynced."""
     tag_dir = Path(save_dir) / validate_tag(tag)
+    check_write(tag_dir / COMPLETE_MARKER)
     write_atomic(tag_dir / COMPLETE_MARKER, json.dumps(dict(info, files=file_sizes(tag_dir)), indent=2))
     _fsync_dir(tag_dir)
+    check_write(Path(save_dir) / "latest")
     write_atomic(Path(save_dir) / "latest", tag)
     _fsync_dir(Path(save_dir))
 
@@ -115,6 +118,7 @@ def save_checkpoint(engine, save_dir: Path, tag: str, client_state: dict, seal_i
     if rank == 0:
         try:
             for name, source in (files or {}).items():
+                check_write(tag_dir / name)
                 write_atomic(tag_dir / name, Path(source).read_bytes())
             mark_complete(save_dir, tag, dict(seal_info, time=time.time()))
         except OSError as e:

@@ -72,6 +72,34 @@ def is_held_out(text: str, fraction: float) -> bool:
     return h < fraction * 2 ** 64
 
 
+def split_lines(raw: bytes) -> List[bytes]:
+    """The lines of `raw`, one document each."""
+    lines = raw.split(b"\n")  # safe on UTF-8: byte 0x0A never occurs inside a multi-byte character
+    if lines and lines[-1] == b"":
+        lines.pop()  # the text after the final newline is a line only if it is not empty
+    return lines
+
+
+def document_text(line: bytes) -> Tuple[str, bool]:
+    """(text, undecodable): a line as the data path tokenizes it and hashes it for the validation split,
+    stripped, with undecodable bytes as U+FFFD (`undecodable` says there were some)."""
+    try:
+        return line.decode("utf-8").strip(), False
+    except UnicodeDecodeError:
+        return line.decode("utf-8", errors="replace").strip(), True
+
+
+def held_out_lines(raw: bytes, fraction: float) -> List[Tuple[int, str]]:
+    """(line index, text) of the non-empty documents of `raw` that ``--val_fraction fraction`` holds out: the
+    documents encode_lines gives the validation side and withholds from training."""
+    out = []
+    for i, line in enumerate(split_lines(raw)):
+        text = document_text(line)[0]
+        if text and is_held_out(text, fraction):
+            out.append((i, text))
+    return out
+
+
 def encode_lines(sp, raw: bytes, min_tokens: int, eos_id: int, dtype,
                  holdout: Optional[Tuple[float, bool]] = None) -> Tuple[np.ndarray, dict]:
     """Tokenize the lines of `raw` (bytes ending on a line boundary) -> (flat token array, line statistics).
@@ -82,20 +110,15 @@ def encode_lines(sp, raw: bytes, min_tokens: int, eos_id: int, dtype,
     ``holdout=(fraction, want_held_out)`` keeps only the lines on one side of the validation split
     (``is_held_out``); `split_off` counts the lines left to the other side.
     """
-    lines = raw.split(b"\n")  # safe on UTF-8: byte 0x0A never occurs inside a multi-byte character
-    if lines and lines[-1] == b"":
-        lines.pop()  # the text after the final newline is a line only if it is not empty
+    lines = split_lines(raw)
     encode = sp.EncodeAsIds
     kept, n_tokens, short, bad, first_bad, split_off = [], 0, 0, 0, -1, 0
     for i, line in enumerate(lines):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            text = line.decode("utf-8", errors="replace")
+        text, undecodable = document_text(line)
+        if undecodable:
             bad += 1
             if first_bad < 0:
                 first_bad = i
-        text = text.strip()
         if holdout is not None and is_held_out(text, holdout[0]) != holdout[1]:
             split_off += 1
             continue

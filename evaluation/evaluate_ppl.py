@@ -89,8 +89,10 @@ def read_documents(files: Sequence[Path], unit: str = "file") -> List[tuple]:
     return docs
 
 
-def held_out_folder(run_dir: Path) -> Path:
-    """The held-out text folder a train.py run validated on (its ``--val_dir``, recorded in run_config.json)."""
+def held_out_documents(run_dir: Path) -> List[tuple]:
+    """(name, text) of the documents a train.py run held out, from its run_config.json: the lines of its
+    ``--val_dir``, or for ``--val_fraction F`` the lines of its ``--data_dir`` that the data path holds out
+    (data.cache.held_out_lines: the split training used, so the two cannot drift apart)."""
     run_config = run_dir / "run_config.json"
     if not run_config.is_file():
         raise PplError(f"--held_out {run_dir}: no run_config.json (not a train.py --checkpoint_saving_path)")
@@ -98,16 +100,41 @@ def held_out_folder(run_dir: Path) -> Path:
         recorded = json.loads(run_config.read_text(encoding="utf-8"))["args"]
     except (ValueError, KeyError, TypeError) as e:
         raise PplError(f"{run_config}: not a train.py run config ({e})") from e
-    val_dir = recorded.get("val_dir")
-    if not val_dir:
-        raise PplError(f"{run_config} records no --val_dir: the run held no text out, or held it out by "
-                       "fraction; pass the held-out folder with --data")
+    if recorded.get("val_dir"):
+        return read_documents(list_text_files([str(_recorded_folder(run_config, "val_dir", recorded))]), "line")
+    fraction = recorded.get("val_fraction")
+    if not fraction:
+        raise PplError(f"{run_config} records neither --val_dir nor --val_fraction: the run held no text out; "
+                       "pass held-out text with --data")
+    from data.cache import held_out_lines
+    from data.sources import list_data_files
+
+    data_dir = _recorded_folder(run_config, "data_dir", recorded)
+    # The files validation read: all of --data_dir but its token cache (a hidden .cache unless --cache_dir).
+    exclude = [_recorded_folder(run_config, "cache_dir", recorded)] if recorded.get("cache_dir") else []
+    docs = []
+    for path in list_data_files(data_dir, exclude=[p for p in exclude if p is not None]):
+        raw = path.read_bytes()
+        if b"\x00" in raw:
+            raise PplError(f"{path}: holds NUL bytes; a binary file, not text")
+        docs.extend((f"{path}:{i + 1}", text) for i, text in held_out_lines(raw, float(fraction)))
+    if not docs:
+        raise PplError(f"{run_config}: --val_fraction {fraction} holds out no non-empty line of --data_dir {data_dir}")
+    return docs
+
+
+def _recorded_folder(run_config: Path, flag: str, recorded: dict) -> Optional[Path]:
+    """The folder a run recorded for --<flag>. train.py records the path as given, usually relative to the
+    repository root it was launched from. A missing --cache_dir is None (nothing to leave out); others are an error."""
     from common import REPO_ROOT
-    # train.py records the path as given, usually relative to the repository root it was launched from.
-    for path in (Path(val_dir), REPO_ROOT / val_dir):
+
+    given = recorded[flag]
+    for path in (Path(given), REPO_ROOT / given):
         if path.is_dir():
             return path
-    raise PplError(f"{run_config} records --val_dir {val_dir!r}, which is not a folder from here or from {REPO_ROOT}")
+    if flag == "cache_dir":
+        return None
+    raise PplError(f"{run_config} records --{flag} {given!r}, which is not a folder from here or from {REPO_ROOT}")
 
 
 def tokenize_prefix(tokenizer, text: str, need: int) -> List[int]:
@@ -405,8 +432,8 @@ def parse_args(argv=None):
     p.add_argument("--data", "-d", nargs="+", default=[],
                    help=".txt files or folders of them (recursive); a run's held-out folder works as it is")
     p.add_argument("--held_out", default=None,
-                   help="a train.py --checkpoint_saving_path: add the documents of the --val_dir it recorded "
-                        "(one per line), text the model never trained on")
+                   help="a train.py --checkpoint_saving_path: add the documents it held out, one per line: its "
+                        "--val_dir, or the --val_fraction share of its --data_dir (text the model never trained on)")
     p.add_argument("--unit", choices=["file", "line"], default="file",
                    help="file: one document per file (books); line: one per non-empty line (train.py's layout) "
                         "(default: %(default)s)")
@@ -456,7 +483,7 @@ def run(args) -> List[Dict]:
     scalings = [parse_scaling(s) for s in args.rope_scaling]
     docs_text = read_documents(list_text_files(args.data), args.unit) if args.data else []
     if args.held_out:
-        docs_text += read_documents(list_text_files([str(held_out_folder(Path(args.held_out)))]), "line")
+        docs_text += held_out_documents(Path(args.held_out))
     docs_text = docs_text[:args.max_documents]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = (torch.bfloat16 if device.startswith("cuda") else torch.float32) if args.dtype == "auto" \

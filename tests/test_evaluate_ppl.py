@@ -170,8 +170,49 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert "--lengths [65536] exceed --max_eval_length 32768" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"--held_out .*: no run_config.json"):
         ppl.main(base + ["--held_out", str(tmp_path / "no_text")])
-    (tmp_path / "run_config.json").write_text(json.dumps({"args": {"val_dir": None}}))
-    with pytest.raises(SystemExit, match=r"run_config.json records no --val_dir"):
+    (tmp_path / "run_config.json").write_text(json.dumps({"args": {"val_dir": None, "val_fraction": None}}))
+    with pytest.raises(SystemExit, match=r"run_config.json records neither --val_dir nor --val_fraction"):
         ppl.main(base + ["--held_out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"--rope_scaling 'yarn:2'"):
         ppl.main(base + ["--data", str(tmp_path / "no_text"), "--rope_scaling", "yarn:2"])
+
+
+def test_held_out_of_a_val_fraction_run_is_what_the_data_path_held_out(tmp_path):
+    """--held_out of a --val_fraction run: exactly the documents the data path gave validation, none it trained on,
+    read from the run's --data_dir less its token cache."""
+    import sentencepiece as spm
+    from data.cache import EOS_TOKEN_ID, encode_lines
+    from data.sources import list_data_files
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    (data / "sub").mkdir(parents=True), run.mkdir()
+    rng = np.random.default_rng(1)
+    words = "river stone cloud lantern copper meadow violin harbor".split()
+    lines = [" ".join(rng.choice(words, 12)) for _ in range(60)]
+    # What the split must see as the data path does: surrounding spaces stripped, undecodable bytes replaced.
+    (data / "a.txt").write_bytes("\n".join(f"  {t}\t" for t in lines[:30]).encode() + b"\n\n")
+    (data / "sub" / "b.txt").write_bytes(b"\n".join(t.encode() + b" \xff" for t in lines[30:]))
+    (data / "cache").mkdir()  # a non-hidden --cache_dir inside --data_dir is not data
+    (data / "cache" / "x.txt").write_text("\n".join(lines) + "\n")
+    (run / "run_config.json").write_text(json.dumps({"args": {"val_dir": None, "val_fraction": 0.3,
+                                                               "data_dir": str(data), "cache_dir": str(data / "cache")}}))
+    docs = ppl.held_out_documents(run)
+
+    sp = spm.SentencePieceProcessor(model_file=str(REPO_ROOT / "tokenizer.model"))
+    def sides(want):  # documents (token tuples) of one side of the split, as the data path tokenizes them
+        out = []
+        for path in list_data_files(data, exclude=[data / "cache"]):
+            tokens = encode_lines(sp, path.read_bytes(), 1, EOS_TOKEN_ID, np.int32, (0.3, want))[0]
+            ends = np.flatnonzero(tokens == EOS_TOKEN_ID)  # every document ends with EOS
+            out += [tuple(d.tolist()) for d in np.split(tokens, ends + 1)[:-1]]
+        return [d[:-1] for d in out if len(d) > 1]  # without EOS; the blank line is a document of no tokens
+    evaluated = [tuple(sp.encode(text)) for _, text in docs]
+    held, trained = sides(True), sides(False)
+    assert 8 <= len(evaluated) <= 30 and len(evaluated) + len(trained) == 60
+    assert sorted(evaluated) == sorted(held) and not set(evaluated) & set(trained)
+    assert all(str(data / "cache") not in name for name, _ in docs)
+    assert any(name.startswith(f"{data / 'sub' / 'b.txt'}:") and text.endswith("\ufffd") for name, text in docs)
+
+    (run / "run_config.json").write_text(json.dumps({"args": {"val_fraction": 0.3, "data_dir": str(tmp_path / "no")}}))
+    with pytest.raises(ppl.PplError, match=r"records --data_dir '.*no', which is not a folder"):
+        ppl.held_out_documents(run)

@@ -239,6 +239,38 @@ def test_io_faults_name_file_errno_and_valid_checkpoint(tmp_path, monkeypatch, g
     assert not (save / "step3" / "complete.json").exists()
 
 
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS])
+def test_folder_read_only_mid_run_leaves_latest_valid(code, tmp_path, monkeypatch, gloo_group):
+    """Two tags sealed, then the folder stops taking writes (permissions changed or remounted read-only; root
+    ignores permissions, so the fault is injected): saving a new tag, or re-writing the sealed one `latest`
+    names, stops with the file and errno, and `latest` and both sealed tags stay as they were."""
+    save = tmp_path / "ckpt"
+    for step in (1, 2):
+        checkpointing.save_checkpoint(FakeEngine(), save, f"step{step}", {"step": step}, {"step": step})
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(save.rglob("*")) if p.is_file()}
+
+    def read_only(path):
+        if save in path.parents:
+            raise OSError(code, os.strerror(code), str(path))
+    monkeypatch.setattr(checkpoint_safety, "io_fault_hook", read_only)
+    name = errno.errorcode[code]
+    with pytest.raises(OSError, match=rf"writing {save}/step3/mp_rank_00_model_states.pt failed: \[Errno {code} "
+                                      rf"{name}\] {os.strerror(code)}; {save}/step3 is not writable .* The last "
+                                      rf"complete checkpoint, {save}/step2 \(named by `latest`\), stays valid."):
+        checkpointing.save_checkpoint(FakeEngine(), save, "step3", {"step": 3}, {"step": 3})
+    with pytest.raises(OSError, match=rf"preparing {save}/step2 failed: \[Errno {code}\] {os.strerror(code)}: "
+                                      rf"'{save}/step2/complete.json'. The last complete checkpoint, {save}/step2"):
+        checkpointing.save_checkpoint(FakeEngine(), save, "step2", {"step": 2}, {"step": 2})
+    monkeypatch.setattr(checkpoint_safety, "io_fault_hook", None)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
+    assert not list((save / "step3").glob("*.pt")) and (save / "latest").read_text() == "step2"
+    assert checkpointing.resolve_checkpoint_tag(save) == "step2"
+    assert checkpointing.resolve_checkpoint_tag(save, "step1") == "step1"
+    assert checkpointing.open_tag(save, "step2")["step"] == 2 and checkpointing.open_tag(save, "step1")["step"] == 1
+    with pytest.raises(ValueError, match="step3 is a half-written checkpoint"):
+        checkpointing.resolve_checkpoint_tag(save, "step3")
+
+
 def test_truncated_or_missing_file_is_named(faulty_run, workdir):
     save = faulty_run[0]
     copy = copy_tag(save, workdir / "truncated")
