@@ -427,10 +427,11 @@ def test_zero3_run_scores_benchmarks_as_the_script_does_on_its_export(tmp_path):
     tok = BaiChuanTokenizer(vocab_file=str(ROOT / "tokenizer.model"), add_bos_token=False, add_eos_token=False)
     for subject in load_mmlu(tmp_path / "bench" / "mmlu"):
         with open(tmp_path / "results" / "results_export" / f"{subject.name}.csv", encoding="utf-8") as f:
-            rows = list(csv.reader(f))[1:]
+            header, *rows = list(csv.reader(f))
+        columns = [header.index(f"export_choice{letter}_probs") for letter in "ABCD"]
         for q, row in zip(subject.test, rows):
             ids = fit_prompt(PromptStyle("en", subject.name), subject.dev[:5], q, tok, 2048).ids
-            probs = [float(x) for x in row[-4:]]
+            probs = [float(row[c]) for c in columns]
             script[tuple(ids)] = (row[6] == "True", probs["ABCD".index(q.answer)])
     picked = [script[tuple(ids)] for ids, _ in chosen]
     assert evals[4]["eval/mmlu/acc"] == pytest.approx(sum(c for c, _ in picked) / 9, abs=1e-12)
