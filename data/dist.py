@@ -52,13 +52,15 @@ def sync_steps(steps: int, world_size: int) -> Tuple[int, int]:
 
 
 def agree(error: Optional[BaseException], world_size: int, where: str) -> None:
-    """Every rank learns whether any rank failed at `where`: the failing rank raises its error, the others a
-    RuntimeError saying so, so none of them waits forever in the next collective."""
-    (failed,) = _reduce([0 if error is None else 1], world_size, "SUM")
-    if error is not None:
-        raise error
-    if failed:
-        raise RuntimeError(f"{where} failed on {failed} other rank(s); see their error above")
+    """Every rank learns whether any rank failed at `where` (common.all_ranks_ok, which quotes the failing rank's
+    error on every rank); without a process group of `world_size` ranks only this rank's error counts."""
+    if _group(world_size) is None:
+        if error is not None:
+            raise error
+        return
+    from common import all_ranks_ok
+
+    all_ranks_ok(error, where)
 
 
 def barrier(world_size: int) -> None:
