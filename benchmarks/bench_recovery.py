@@ -9,20 +9,13 @@ steps lost since the last checkpoint are trained again and are counted separatel
 """
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from common import REPO_ROOT as ROOT, free_port
 
 
 def records(path: Path):
