@@ -115,6 +115,18 @@ def init_distributed(timeout: timedelta) -> None:
     dist.barrier()
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process group once every rank is done with it, on success only.
+
+    A gloo group left for the interpreter's teardown can abort a rank that finished its work ("terminate called
+    without an active exception", exit -6: pytorch/pytorch#190489), and the launcher then fails the whole run. A
+    rank that raises skips this, as torchtitan's trainer does: it must not wait here for a peer stuck in a
+    collective."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Resume checks and a clean end
 # ----------------------------------------------------------------------------------------------------------

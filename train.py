@@ -194,6 +194,7 @@ def main():
         if rank == 0:
             print(f"already complete: {save_dir / resume_tag} is at step {resumed_info['step']} "
                   f"(--max_steps {args.max_steps})", flush=True)
+        recovery.shutdown_distributed()
         return
     ds_config = load_ds_config(args, resumed_info.get("schedule_steps"))
     schedule_steps = ds_config.get("scheduler", {}).get("params", {}).get("total_num_steps")
@@ -436,6 +437,7 @@ def main():
             save(step)
             watchdog.beat()
     watchdog.stop()
+    recovery.shutdown_distributed()
     if rank == 0:
         print(f"training complete: reached --max_steps {args.max_steps}", flush=True)
 

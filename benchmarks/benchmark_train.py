@@ -234,6 +234,9 @@ def worker(spec: dict, args, conn):
                     conn.send({"peak_bytes": peak_rss - rss_before, "reserved_bytes": None})
             else:
                 break
+        if engine is not None:  # a gloo group left to the interpreter's teardown can abort the process
+            import torch.distributed as dist
+            dist.destroy_process_group()
     except Exception:  # sent to the parent, which names the variant
         conn.send({"error": traceback.format_exc()})
     finally:

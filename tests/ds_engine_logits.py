@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from models.configuration_baichuan import BaiChuanConfig
 from models.modeling_baichuan import BaiChuanForCausalLM
+import recovery
 from training.schedule import lr_scheduler_factory
 
 batch_path, *jobs = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
@@ -43,3 +44,4 @@ for job in jobs:
         torch.save({"logits": result.logits.float(), "loss": result.loss.item(),
                     "stage": ds_config["zero_optimization"]["stage"]}, out)
     dist.barrier()
+recovery.shutdown_distributed()  # gloo left to the interpreter's teardown can abort a finished rank

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from models.configuration_baichuan import BaiChuanConfig
 from models.modeling_baichuan import BaiChuanForCausalLM
+import recovery
 
 config_path, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 deepspeed.init_distributed()
@@ -32,3 +33,4 @@ for step in range(3):
     losses.append(total.item() / world)
 if rank == 0:
     torch.save({"losses": losses, "params": {n: p.detach().clone() for n, p in engine.module.named_parameters()}}, out)
+recovery.shutdown_distributed()  # gloo left to the interpreter's teardown can abort a finished rank

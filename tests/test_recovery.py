@@ -213,6 +213,23 @@ def test_consecutive_non_finite_steps_stop_naming_step_position_and_files(tmp_pa
         dist.destroy_process_group()
 
 
+def test_shutdown_distributed_destroys_the_group_and_is_a_no_op_without_one():
+    """train.py ends through this: a gloo group left to the interpreter's teardown aborted a finished rank in CI
+    (exit -6, "terminate called without an active exception"), which failed the launch."""
+    import torch
+    import torch.distributed as dist
+
+    recovery.shutdown_distributed()  # no group yet: nothing to wait for
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        dist.all_reduce(torch.ones(2))
+        recovery.shutdown_distributed()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_watchdog_dumps_every_stack_and_exits_nonzero():
     code = ("import time, recovery\n"
             "w = recovery.Watchdog(0.5)\n"
