@@ -21,18 +21,18 @@ import torch
 import torch.distributed as dist
 from transformers.modeling_utils import no_init_weights
 
-from checkpointing import (check_folder_config, load_folder_weights, open_tag, point_latest, prepare_resume,
+from checkpoint.io import (check_folder_config, load_folder_weights, open_tag, point_latest, prepare_resume,
                            resolve_resume_tag, save_checkpoint, universal_client_state)
+from checkpoint.resume_rules import check_allowed_names, compare_settings, run_settings, stored_settings
 from common import HelpFormatter, all_ranks_ok, read_json, run_cli, write_atomic
-import recovery
 from data import DATA_ORDERS, make_engine, split_global_batch
 from models.configuration_baichuan import BaiChuanConfig
 from models.flops import flops_per_token, peak_tflops_for
 from models.kernels import compile_decoder_layers
 from models.modeling_baichuan import BaiChuanForCausalLM
-from resume_rules import check_allowed_names, compare_settings, run_settings, stored_settings
 from training.documents import document_inputs
 from training.eval_tasks import EvalTasks, parse_eval_tasks
+from training import recovery
 from training.metrics import MetricsLog
 from training.schedule import lr_scheduler_factory
 from training.validation import build_validation, check_val_args

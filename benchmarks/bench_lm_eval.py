@@ -2,7 +2,7 @@
 questions, in one run: wall time of each and per-question agreement (prediction, letter probabilities).
 
 The model is a random tiny baichuan-architecture model (context 4096, so every prompt fits) written both as
-this project's folder (scored by evaluate_mmlu.py / evaluate_zh.py) and as a Llama folder (llama_export.py,
+this project's folder (scored by evaluate_mmlu.py / evaluate_zh.py) and as a Llama folder (checkpoint/llama.py,
 scored by lm-eval's Hugging Face backend with ``add_bos_token=False``). Both on the CPU, float32; batches of 16
 questions for ours, 4 for lm-eval (it computes the 64000-word log-softmax at every position of every choice, so
 its batches of 16 need several GB).
@@ -77,7 +77,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from llama_export import save_llama_folder
+    from checkpoint.llama import save_llama_folder
     from models.configuration_baichuan import BaiChuanConfig
     from models.modeling_baichuan import BaiChuanForCausalLM
     from models.tokenization_baichuan import BaiChuanTokenizer

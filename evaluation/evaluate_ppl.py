@@ -324,7 +324,7 @@ def is_checkpoint_folder(path: Path) -> bool:
 
 def export_checkpoint(path: Path, tag: Optional[str], workdir: Path) -> Path:
     """Export a DeepSpeed checkpoint tag to a temporary fp32 Hugging Face folder through the export path."""
-    from checkpoint_export import convert
+    from checkpoint.export import convert
     return convert(path, workdir / f"{path.name}-{tag or 'latest'}", tag=tag, dtype="fp32")
 
 

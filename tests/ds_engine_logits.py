@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from models.configuration_baichuan import BaiChuanConfig
 from models.modeling_baichuan import BaiChuanForCausalLM
-import recovery
+from training import recovery
 from training.schedule import lr_scheduler_factory
 
 batch_path, *jobs = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]

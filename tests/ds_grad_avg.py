@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from models.configuration_baichuan import BaiChuanConfig
 from models.modeling_baichuan import BaiChuanForCausalLM
-import recovery
+from training import recovery
 
 config_path, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 deepspeed.init_distributed()

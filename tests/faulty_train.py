@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-import checkpoint_safety
+import checkpoint.safety
 import train
 
 
@@ -17,5 +17,5 @@ def fault(path: Path) -> None:
         raise OSError(code, os.strerror(code), str(path))
 
 
-checkpoint_safety.io_fault_hook = fault
+checkpoint.safety.io_fault_hook = fault
 train.main()

@@ -16,8 +16,8 @@ import torch
 
 from conftest import FIXTURES, ROOT, free_port
 
-import checkpoint_export as convert_checkpoint
-from checkpointing import check_folder_config, load_folder_weights, resolve_checkpoint_tag
+import checkpoint.export as convert_checkpoint
+from checkpoint.io import check_folder_config, load_folder_weights, resolve_checkpoint_tag
 from models.configuration_baichuan import BaiChuanConfig
 from models.modeling_baichuan import BaiChuanForCausalLM
 from scripts import generate, plot_loss

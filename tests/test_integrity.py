@@ -18,11 +18,11 @@ import torch
 
 from conftest import ROOT, free_port
 
-import checkpoint_export
-import checkpoint_safety
-import checkpointing
-from checkpoint_safety import UnsafeCheckpointError
-from resume_rules import check_allowed_names, compare_settings, run_settings, stored_settings
+import checkpoint.export
+import checkpoint.io
+import checkpoint.safety
+from checkpoint.resume_rules import check_allowed_names, compare_settings, run_settings, stored_settings
+from checkpoint.safety import UnsafeCheckpointError
 
 TOKENIZER = ROOT / "tokenizer.model"
 pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(), reason="tokenizer.model missing at the repo root")
@@ -92,7 +92,7 @@ def copy_tag(save: Path, dst: Path, tag="step2") -> Path:
 def reseal(tag_dir: Path) -> None:
     """Record the current file sizes in the seal, as someone who crafted the folder would."""
     seal = json.loads((tag_dir / "complete.json").read_text())
-    seal["files"] = checkpoint_safety.file_sizes(tag_dir)
+    seal["files"] = checkpoint.safety.file_sizes(tag_dir)
     (tag_dir / "complete.json").unlink()
     (tag_dir / "complete.json").write_text(json.dumps(seal))
 
@@ -132,10 +132,10 @@ def test_refused_launch_leaves_run_record_and_export_uses_the_tags_tokenizer(fau
     record["args"]["tokenizer_path"] = str(other)
     (copy / "run_config.json").unlink()
     (copy / "run_config.json").write_text(json.dumps(record))
-    out = checkpoint_export.convert(copy, workdir / "hf-tok", dtype="fp32")
+    out = checkpoint.export.convert(copy, workdir / "hf-tok", dtype="fp32")
     assert (out / "tokenizer.model").read_bytes() == TOKENIZER.read_bytes()
     with pytest.raises(ValueError, match=r"other.model \(sha256 .*\) is not the one .*step2 was trained with"):
-        checkpoint_export.convert(copy, workdir / "hf-tok2", tokenizer_path=str(other))
+        checkpoint.export.convert(copy, workdir / "hf-tok2", tokenizer_path=str(other))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def test_resume_refuses_changed_settings_by_name_unless_allowed(faulty_run):
     from models.configuration_baichuan import BaiChuanConfig
 
     save = faulty_run[0]
-    stored = stored_settings(checkpointing.open_tag(save, "step2"))
+    stored = stored_settings(checkpoint.io.open_tag(save, "step2"))
     ds = json.loads(ds_config(save.parent / "ds-table.json").read_text())
     ds["scheduler"]["params"]["total_num_steps"] = 8
 
@@ -190,7 +190,7 @@ def test_full_disk_while_rewriting_a_sealed_tag(faulty_run):
     assert not (save / "step4" / "complete.json").exists()  # the earlier seal was removed before re-writing
     assert (save / "latest").read_text() == "step2"
     with pytest.raises(ValueError, match="step4 is a half-written checkpoint"):
-        checkpointing.resolve_checkpoint_tag(save, "step4")
+        checkpoint.io.resolve_checkpoint_tag(save, "step4")
 
 
 class FakeEngine:
@@ -215,26 +215,26 @@ def gloo_group():
 
 def test_io_faults_name_file_errno_and_valid_checkpoint(tmp_path, monkeypatch, gloo_group):
     save = tmp_path / "ckpt"
-    checkpointing.save_checkpoint(FakeEngine(), save, "step1", {"step": 1}, {"step": 1})
+    checkpoint.io.save_checkpoint(FakeEngine(), save, "step1", {"step": 1}, {"step": 1})
     assert json.loads((save / "step1" / "complete.json").read_text())["files"]["mp_rank_00_model_states.pt"] > 4000
 
     def full(path):
         if path.name.startswith("zero_pp"):
             raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(checkpoint_safety, "io_fault_hook", full)
+    monkeypatch.setattr(checkpoint.safety, "io_fault_hook", full)
     with pytest.raises(OSError, match=r"writing .*step2/zero_pp_rank_0_mp_rank_00_optim_states.pt failed: \[Errno 28 "
                                       r"ENOSPC\] No space left on device; this file needs about 0.00 MB, .* free on "
                                       r"that file system. The last complete checkpoint, .*step1 \(named by `latest`\)"):
-        checkpointing.save_checkpoint(FakeEngine(), save, "step2", {"step": 2}, {"step": 2})
+        checkpoint.io.save_checkpoint(FakeEngine(), save, "step2", {"step": 2}, {"step": 2})
     assert not (save / "step2" / "complete.json").exists() and (save / "latest").read_text() == "step1"
-    monkeypatch.setattr(checkpoint_safety, "io_fault_hook", None)
+    monkeypatch.setattr(checkpoint.safety, "io_fault_hook", None)
 
     def read_only(path, data, fsync=True):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
-    monkeypatch.setattr(checkpointing, "write_atomic", read_only)
+    monkeypatch.setattr(checkpoint.io, "write_atomic", read_only)
     with pytest.raises(OSError, match=r"sealing .*step3 failed: \[Errno 13\] Permission denied \(.*tokenizer.model\)"
                                       r". The last complete checkpoint, .*step1"):
-        checkpointing.save_checkpoint(FakeEngine(), save, "step3", {"step": 3}, {"step": 3},
+        checkpoint.io.save_checkpoint(FakeEngine(), save, "step3", {"step": 3}, {"step": 3},
                                       files={"tokenizer.model": TOKENIZER})
     assert not (save / "step3" / "complete.json").exists()
 
@@ -246,29 +246,29 @@ def test_folder_read_only_mid_run_leaves_latest_valid(code, tmp_path, monkeypatc
     names, stops with the file and errno, and `latest` and both sealed tags stay as they were."""
     save = tmp_path / "ckpt"
     for step in (1, 2):
-        checkpointing.save_checkpoint(FakeEngine(), save, f"step{step}", {"step": step}, {"step": step})
+        checkpoint.io.save_checkpoint(FakeEngine(), save, f"step{step}", {"step": step}, {"step": step})
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(save.rglob("*")) if p.is_file()}
 
     def read_only(path):
         if save in path.parents:
             raise OSError(code, os.strerror(code), str(path))
-    monkeypatch.setattr(checkpoint_safety, "io_fault_hook", read_only)
+    monkeypatch.setattr(checkpoint.safety, "io_fault_hook", read_only)
     name = errno.errorcode[code]
     with pytest.raises(OSError, match=rf"writing {save}/step3/mp_rank_00_model_states.pt failed: \[Errno {code} "
                                       rf"{name}\] {os.strerror(code)}; {save}/step3 is not writable .* The last "
                                       rf"complete checkpoint, {save}/step2 \(named by `latest`\), stays valid."):
-        checkpointing.save_checkpoint(FakeEngine(), save, "step3", {"step": 3}, {"step": 3})
+        checkpoint.io.save_checkpoint(FakeEngine(), save, "step3", {"step": 3}, {"step": 3})
     with pytest.raises(OSError, match=rf"preparing {save}/step2 failed: \[Errno {code}\] {os.strerror(code)}: "
                                       rf"'{save}/step2/complete.json'. The last complete checkpoint, {save}/step2"):
-        checkpointing.save_checkpoint(FakeEngine(), save, "step2", {"step": 2}, {"step": 2})
-    monkeypatch.setattr(checkpoint_safety, "io_fault_hook", None)
+        checkpoint.io.save_checkpoint(FakeEngine(), save, "step2", {"step": 2}, {"step": 2})
+    monkeypatch.setattr(checkpoint.safety, "io_fault_hook", None)
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
     assert not list((save / "step3").glob("*.pt")) and (save / "latest").read_text() == "step2"
-    assert checkpointing.resolve_checkpoint_tag(save) == "step2"
-    assert checkpointing.resolve_checkpoint_tag(save, "step1") == "step1"
-    assert checkpointing.open_tag(save, "step2")["step"] == 2 and checkpointing.open_tag(save, "step1")["step"] == 1
+    assert checkpoint.io.resolve_checkpoint_tag(save) == "step2"
+    assert checkpoint.io.resolve_checkpoint_tag(save, "step1") == "step1"
+    assert checkpoint.io.open_tag(save, "step2")["step"] == 2 and checkpoint.io.open_tag(save, "step1")["step"] == 1
     with pytest.raises(ValueError, match="step3 is a half-written checkpoint"):
-        checkpointing.resolve_checkpoint_tag(save, "step3")
+        checkpoint.io.resolve_checkpoint_tag(save, "step3")
 
 
 def test_truncated_or_missing_file_is_named(faulty_run, workdir):
@@ -280,13 +280,13 @@ def test_truncated_or_missing_file_is_named(faulty_run, workdir):
     target.write_bytes(data[:len(data) // 2])
     with pytest.raises(UnsafeCheckpointError, match=rf"{target} has {len(data) // 2} bytes but was sealed with "
                                                     rf"{len(data)}: it was truncated"):
-        checkpoint_export.convert(copy, workdir / "hf-trunc")
+        checkpoint.export.convert(copy, workdir / "hf-trunc")
     reseal(copy / "step2")  # a seal that agrees: the file itself is still unreadable, and named
     with pytest.raises(UnsafeCheckpointError, match=rf"checkpoint file {target} is damaged"):
-        checkpointing.open_tag(copy, "step2")
+        checkpoint.io.open_tag(copy, "step2")
     target.unlink()
     with pytest.raises(UnsafeCheckpointError, match=rf"{target} is missing"):
-        checkpoint_export.convert(copy, workdir / "hf-trunc")
+        checkpoint.export.convert(copy, workdir / "hf-trunc")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,14 +299,14 @@ def test_crafted_checkpoint_file_runs_no_code(crafted, faulty_run, workdir):
     copy = copy_tag(save, workdir / f"crafted-{crafted}")
     marker = workdir / f"marker-{crafted}"
     target = copy / "step2" / crafted
-    state = checkpoint_safety.safe_load(target)
+    state = checkpoint.safety.safe_load(target)
     target.unlink()
     torch.save(dict(state, payload=MakesMarker(marker)), target)
     reseal(copy / "step2")
     with pytest.raises(UnsafeCheckpointError, match=rf"{target} is refused: loading it would run code"):
-        checkpoint_export.convert(copy, workdir / f"hf-{crafted}")
+        checkpoint.export.convert(copy, workdir / f"hf-{crafted}")
     with pytest.raises(UnsafeCheckpointError, match=rf"{target} is refused"):
-        checkpointing.open_tag(copy, checkpointing.resolve_resume_tag(copy, "auto"))  # what train.py does
+        checkpoint.io.open_tag(copy, checkpoint.io.resolve_resume_tag(copy, "auto"))  # what train.py does
     assert not marker.exists()
 
 
@@ -318,7 +318,7 @@ def test_model_folders_run_no_code_without_the_flag(faulty_run, workdir):
     from evaluation.engine import load_model_and_tokenizer
     from scripts import generate
 
-    folder = checkpoint_export.convert(faulty_run[0], workdir / "hf-code", dtype="fp32", tag="step2")
+    folder = checkpoint.export.convert(faulty_run[0], workdir / "hf-code", dtype="fp32", tag="step2")
     marker = workdir / "marker-code"
     payload = f"open({str(marker)!r}, 'w').close()\n"
     for name in ("modeling_baichuan.py", "configuration_baichuan.py", "tokenization_baichuan.py"):
@@ -356,10 +356,10 @@ def test_tags_that_are_paths_are_refused(tmp_path):
     for bad in ("../outside", str(outside), "step2/../../outside", ".hidden", "step2/"):
         (save / "latest").write_text(bad)
         with pytest.raises(ValueError, match=r"`latest` in .*: .* is not a checkpoint tag"):
-            checkpointing.resolve_resume_tag(save, "auto")
+            checkpoint.io.resolve_resume_tag(save, "auto")
         with pytest.raises(ValueError, match=r"--tag: .* is not a checkpoint tag \(a name such as step2000"):
-            checkpointing.resolve_checkpoint_tag(save, bad)
+            checkpoint.io.resolve_checkpoint_tag(save, bad)
     for good in ("step2", "step2000_universal", "final-v1.2"):
-        assert checkpointing.validate_tag(good) == good
+        assert checkpoint.io.validate_tag(good) == good
     (save / "latest").write_text("step2")
-    assert checkpointing.resolve_resume_tag(save, "auto") == "step2"
+    assert checkpoint.io.resolve_resume_tag(save, "auto") == "step2"

@@ -1,4 +1,4 @@
-"""The native Llama export (llama_export.py): same logits, same greedy text, same token ids, no remote code."""
+"""The native Llama export (checkpoint/llama.py): same logits, same greedy text, same token ids, no remote code."""
 import json
 import os
 import subprocess
@@ -19,7 +19,7 @@ def vocab():
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory, vocab):
     """A tiny random model (norm weights away from 1, so every tensor matters) and its Llama folder."""
-    from llama_export import save_llama_folder
+    from checkpoint.llama import save_llama_folder
     from models.configuration_baichuan import BaiChuanConfig
     from models.modeling_baichuan import BaiChuanForCausalLM
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def test_llama_tokenizer_gives_our_ids(any_tokenizer, tmp_path):
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    from llama_export import save_llama_tokenizer
+    from checkpoint.llama import save_llama_tokenizer
     save_llama_tokenizer(str(any_tokenizer), tmp_path)
     sp = spm.SentencePieceProcessor(model_file=str(any_tokenizer))
     fast = AutoTokenizer.from_pretrained(tmp_path)
@@ -119,7 +119,7 @@ def test_loads_without_remote_code_outside_the_repository(pair, tmp_path):
 def test_rope_scaling_is_carried_over(vocab, tmp_path):
     from transformers import LlamaForCausalLM
 
-    from llama_export import save_llama_folder
+    from checkpoint.llama import save_llama_folder
     from models.configuration_baichuan import BaiChuanConfig
     from models.modeling_baichuan import BaiChuanForCausalLM
     torch.manual_seed(1)

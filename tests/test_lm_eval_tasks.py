@@ -1,7 +1,7 @@
 """Our protocol inside lm-evaluation-harness: the YAMLs of evaluation/lm_eval_tasks/ with a Llama export.
 
 One tiny random model (context 4096, so every prompt fits) is written twice: as this project's folder, which
-our scripts score, and as a standard Llama folder (llama_export.py), which lm-eval loads without remote code.
+our scripts score, and as a standard Llama folder (checkpoint/llama.py), which lm-eval loads without remote code.
 The per-question prompts, predictions and letter probabilities must agree. lm-eval is the optional extra
 ``pip install -e ".[lmeval]"``; CI installs it.
 """
@@ -21,7 +21,7 @@ N = 3  # questions per subject: the comparison is per question, a few show it
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from llama_export import save_llama_folder
+    from checkpoint.llama import save_llama_folder
     from models.configuration_baichuan import BaiChuanConfig
     from models.modeling_baichuan import BaiChuanForCausalLM
     from models.tokenization_baichuan import BaiChuanTokenizer

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import recovery
+from training import recovery
 from conftest import ROOT
 from test_train import TOKENIZER, ds_config, free_port, run, train_cmd
 
@@ -231,7 +231,7 @@ def test_shutdown_distributed_destroys_the_group_and_is_a_no_op_without_one():
 
 
 def test_watchdog_dumps_every_stack_and_exits_nonzero():
-    code = ("import time, recovery\n"
+    code = ("import time, training.recovery as recovery\n"
             "w = recovery.Watchdog(0.5)\n"
             "time.sleep(30)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)

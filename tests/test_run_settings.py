@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import models.modeling_baichuan as modeling
-from checkpoint_export import export_config
+from checkpoint.export import export_config
 from conftest import ROOT
 from models.configuration_baichuan import RETIRED_FIELDS, BaiChuanConfig
 from models.modeling_baichuan import BaiChuanForCausalLM

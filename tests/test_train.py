@@ -164,7 +164,7 @@ def test_two_nodes_on_one_machine(workdir):
 
 
 def test_resume_tag_choice_and_errors(tmp_path):
-    from checkpointing import resolve_resume_tag
+    from checkpoint.io import resolve_resume_tag
 
     assert resolve_resume_tag(tmp_path / "absent", "auto") is None  # a fresh run
     (tmp_path / "step2").mkdir()

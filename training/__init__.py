@@ -1,1 +1,2 @@
-"""What grows around train.py's loop: the learning-rate schedule, the metrics log, held-out validation."""
+"""What grows around train.py's loop: the learning-rate schedule, the metrics log, held-out validation, and
+recovery from failures (recovery.py)."""

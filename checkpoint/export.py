@@ -22,10 +22,10 @@ i.e. the consolidated fp32 weights once (28 GB for 7B). The model config comes f
 (train.py stores it as client state), with ``use_cache`` turned back on.
 
 ``--format llama`` writes a standard Llama folder instead (q/k/v split, ``LlamaConfig``, a Llama tokenizer over
-the same SentencePiece model) that loads with ``trust_remote_code=False``; see llama_export.py.
+the same SentencePiece model) that loads with ``trust_remote_code=False``; see checkpoint/llama.py.
 
 Only complete checkpoints are exported: a tag without ``complete.json`` (a job killed while saving) is refused,
-and so is one whose files differ from those sealed or would run code when loaded (checkpoint_safety.py). The
+and so is one whose files differ from those sealed or would run code when loaded (checkpoint/safety.py). The
 tokenizer is the one the tag carries (train.py copies it in and records its sha256); ``run_config.json`` is
 consulted only for checkpoints written before that.
 """
@@ -40,10 +40,10 @@ from typing import Optional
 
 import torch
 
-import llama_export
-from checkpointing import open_tag, resolve_checkpoint_tag
+from checkpoint import llama
+from checkpoint.io import open_tag, resolve_checkpoint_tag
+from checkpoint.resume_rules import model_fields, tokenizer_sha256
 from common import REPO_ROOT as ROOT, HelpFormatter
-from resume_rules import model_fields, tokenizer_sha256
 from models.configuration_baichuan import BaiChuanConfig
 from models.modeling_baichuan import BaiChuanForCausalLM
 from models.tokenization_baichuan import BaiChuanTokenizer
@@ -71,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--format", choices=["baichuan", "llama"], default="baichuan",
                    help="baichuan: the released baichuan-7B layout (W_pack, our code, trust_remote_code); llama: a "
                         "standard Llama folder (q/k/v split, LlamaConfig, Llama tokenizer) that loads without remote "
-                        "code (see llama_export.py)")
+                        "code (see checkpoint/llama.py)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace output_dir if it already holds a model folder")
     return p.parse_args(argv)
@@ -222,7 +222,7 @@ def convert(checkpoint_dir, output_dir, tag: Optional[str] = None, dtype: str = 
                              + "; ".join(problems))
 
         if format == "llama":
-            want, state = llama_export.llama_shapes(want), llama_export.SplitQKV(state)
+            want, state = llama.llama_shapes(want), llama.SplitQKV(state)
         # Plan shards on meta tensors of the output dtype (transformers' file names), then fill one at a time.
         plan = split_torch_state_dict_into_shards(
             {n: torch.empty(s, dtype=torch_dtype, device="meta") for n, s in want.items()},
@@ -238,10 +238,10 @@ def convert(checkpoint_dir, output_dir, tag: Optional[str] = None, dtype: str = 
         del state
 
         if format == "llama":
-            llama_config = llama_export.llama_config(config, torch_dtype)
+            llama_config = llama.llama_config(config, torch_dtype)
             llama_config.save_pretrained(tmp)
             GenerationConfig.from_model_config(llama_config).save_pretrained(tmp)
-            llama_export.save_llama_tokenizer(tokenizer.vocab_file, tmp)
+            llama.save_llama_tokenizer(tokenizer.vocab_file, tmp)
         else:
             custom_object_save(skeleton, tmp, config=config)  # modeling_baichuan.py (+ its imports), auto_map entry
             config.save_pretrained(tmp)  # config.json, configuration_baichuan.py

@@ -1,6 +1,6 @@
 """Checkpoints in and out of training: complete-only DeepSpeed checkpoints, and Hugging Face weights in.
 
-(The way out, a DeepSpeed checkpoint to a Hugging Face folder, is checkpoint_export.py; it picks its
+(The way out, a DeepSpeed checkpoint to a Hugging Face folder, is checkpoint/export.py; it picks its
 tag with ``resolve_checkpoint_tag`` below.)
 
 A DeepSpeed checkpoint under ``<save_dir>/<tag>/`` counts as complete once ``<tag>/complete.json`` exists; it
@@ -11,7 +11,7 @@ from an earlier one) first removes its seal, so a kill in between cannot leave o
 
 Tags are names, not paths (``validate_tag``): a ``--tag``, ``--resume`` or ``latest`` naming ``../x`` or an
 absolute path is an error. Before a tag is read, ``open_tag`` checks its files against the sizes recorded in
-the seal and reads every ``*.pt`` once without running code (checkpoint_safety.py).
+the seal and reads every ``*.pt`` once without running code (checkpoint/safety.py).
 """
 import json
 import os
@@ -22,7 +22,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from checkpoint_safety import CheckpointWriteError, SaveGuard, check_write, file_sizes, safe_load, verify_tag_files
+from checkpoint.safety import CheckpointWriteError, SaveGuard, check_write, file_sizes, safe_load, verify_tag_files
 from common import all_ranks_ok, read_json, write_atomic  # noqa: F401 - re-exported for callers of this module
 
 COMPLETE_MARKER = "complete.json"

@@ -308,7 +308,7 @@ def load_skips(save_dir: Path) -> List[List[int]]:
 
 
 def add_skip(save_dir: Path, start: int, end: int) -> None:
-    from checkpointing import write_atomic
+    from checkpoint.io import write_atomic
 
     ranges = load_skips(save_dir)
     if [start, end] not in ranges:
@@ -366,7 +366,7 @@ def prune_checkpoints(save_dir: Path, keep_last: int, keep_every: int, steps_per
     `keep_last` nor fall on every `keep_every`-th save (step a multiple of keep_every * steps_per_save), with
     their derived folders (<tag>_universal). The tag `latest` names is always kept; 0 turns a rule off (keep_last
     0 keeps everything). Returns the deleted tags."""
-    from checkpointing import list_tags
+    from checkpoint.io import list_tags
 
     if keep_last <= 0:
         return []
