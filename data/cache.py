@@ -32,6 +32,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import sentencepiece as spm
 
+from common import write_atomic
+
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN_ID = 2
@@ -319,9 +321,9 @@ class _FileSink:
         os.replace(self.tmp, self.bin_path)
         meta = dict(meta, blake2b=checksum)
         meta_path = self.bin_path.with_suffix(".json")
-        tmp_meta = meta_path.with_name(f"{meta_path.name}.tmp-{os.getpid()}")
-        tmp_meta.write_text(json.dumps(meta, indent=1, ensure_ascii=False))
-        os.replace(tmp_meta, meta_path)  # written last: an entry counts only once its metadata exists
+        # Written last: an entry counts only once its metadata exists. No fsync: a cache entry lost to a crash is
+        # found damaged (size or checksum) and tokenized again.
+        write_atomic(meta_path, json.dumps(meta, indent=1, ensure_ascii=False), fsync=False)
         entry = CacheEntry(source, np.memmap(self.bin_path, dtype=self.dtype, mode="r", shape=(self.count,)),
                            meta["stats"], self.bin_path, checksum)
         entry.verified = True  # written by this process from the tokenizer's own output
@@ -376,9 +378,7 @@ class TokenCache:
         key = hashlib.sha256(f"{_sha256_file(path)}|{self.rules_id()}".encode()).hexdigest()[:32]
         if memo is not None:
             memo.parent.mkdir(exist_ok=True)
-            tmp = memo.with_name(f"{memo.name}.tmp-{os.getpid()}")
-            tmp.write_text(key)
-            os.replace(tmp, memo)
+            write_atomic(memo, key, fsync=False)
         return key
 
     def keys(self, paths: Sequence[Path]) -> List[str]:
