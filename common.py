@@ -125,10 +125,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help keeps the module docstring's layout and shows every flag's default."""
 
 
-def run_cli(main, *args):
-    """Run an entry point; Ctrl-C ends it with one line and exit status 130 instead of a traceback per process."""
+def run_cli(main, *args, expected: tuple = ()):
+    """Run an entry point; Ctrl-C ends it with one line and exit status 130 instead of a traceback per process.
+    The `expected` errors (bad input the user can fix, whose message names the file, row or flag) end with that
+    message and exit status 1, without a traceback."""
     try:
         return main(*args)
     except KeyboardInterrupt:
         print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr, flush=True)
         raise SystemExit(130)
+    except expected as e:
+        raise SystemExit(f"error: {e}")

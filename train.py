@@ -324,7 +324,7 @@ def main():
     error = None
     if rank == 0:
         try:
-            recovery.note_restart(metrics.path, step, args.max_restarts_per_hour)
+            recovery.note_restart(metrics.path, step, args.max_restarts_per_hour, world, resumed_info.get("world_size"))
         except RuntimeError as e:
             error = e
     all_ranks_ok(error, "the restart check")

@@ -9,7 +9,10 @@ temporary name and renamed, metadata last: a crash leaves no half-written entry,
 An entry is trusted only after its checksum and its largest id (below the vocabulary size) have been checked
 (``CacheEntry.verify``): by the global engine at start, once per node; otherwise when a process first reads it.
 A damaged .bin of the right size is therefore an error naming the file instead of silent zeros or ids past
-the embedding table.
+the embedding table. A check that passed leaves ``<key>.verified`` (the .bin's size, inode, modification and
+change times, checksum and largest id): a later start whose .bin still matches it skips the read, so an elastic
+restart on a large corpus does not read the whole cache again. Any write to the .bin changes its change time,
+which no user tool can set back, and brings the full check back; delete the stamps to force it.
 
 Only text is tokenized: a file holding NUL bytes, or whose undecodable lines exceed ``max_bad_line_fraction``,
 is refused with its name (binary files, such as an .so dropped into data_dir, would otherwise supply tokens).
@@ -261,11 +264,36 @@ class CacheEntry:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def _signature(self) -> dict:
+        st = os.stat(self.bin_path)
+        return {"size": st.st_size, "inode": st.st_ino, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+                "blake2b": self.checksum}
+
+    def stamp(self, max_id: int) -> None:
+        """Record that the .bin as it is now holds its checksum and ids up to `max_id`. Best effort: a read-only
+        cache is checked in full at every start instead."""
+        try:
+            write_atomic(self.bin_path.with_suffix(".verified"), json.dumps(dict(self._signature(), max_id=max_id)),
+                         fsync=False)
+        except OSError:
+            pass
+
+    def _stamped_below(self, vocab_size: int) -> bool:
+        try:
+            stamp = json.loads(self.bin_path.with_suffix(".verified").read_text())
+            signature = self._signature()
+            return {k: stamp.get(k) for k in signature} == signature and int(stamp["max_id"]) < vocab_size
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
     def verify(self, vocab_size: int) -> None:
         """Checksum and id range, once per process; raises ValueError naming the entry and its source file.
         Reads the .bin with plain reads, not through the memory map, so the check adds nothing to the resident
-        set of a process that later maps only some of the entry."""
+        set of a process that later maps only some of the entry. Skipped when the entry's stamp still matches."""
         if self.verified:
+            return
+        if self._stamped_below(vocab_size):
+            self.verified = True
             return
         h, top = hashlib.blake2b(digest_size=16), 0
         buf = np.empty(1 << 23, dtype=self.tokens.dtype)  # 8M ids a read: bounded memory, one pass
@@ -282,6 +310,7 @@ class CacheEntry:
                              f"tokenizer's {vocab_size} pieces: it was built by another tokenizer or is damaged. "
                              "Delete it and start again.")
         self.verified = True
+        self.stamp(top)
 
 
 class _FileSink:
@@ -289,7 +318,7 @@ class _FileSink:
     twice), or kept in memory when there is no cache. Hashes what it writes, for the entry's checksum."""
 
     def __init__(self, bin_path: Optional[Path], dtype):
-        self.bin_path, self.dtype, self.count = bin_path, dtype, 0
+        self.bin_path, self.dtype, self.count, self.max_id = bin_path, dtype, 0, 0
         self.hash = hashlib.blake2b(digest_size=16)
         if bin_path is not None:
             self.tmp = bin_path.with_name(f"{bin_path.name}.tmp-{os.getpid()}")
@@ -299,6 +328,7 @@ class _FileSink:
 
     def add(self, tokens: np.ndarray) -> None:
         self.count += len(tokens)
+        self.max_id = max(self.max_id, int(tokens.max())) if len(tokens) else self.max_id
         self.hash.update(tokens.tobytes())
         if self.bin_path is not None:
             tokens.tofile(self.fh)
@@ -327,6 +357,7 @@ class _FileSink:
         entry = CacheEntry(source, np.memmap(self.bin_path, dtype=self.dtype, mode="r", shape=(self.count,)),
                            meta["stats"], self.bin_path, checksum)
         entry.verified = True  # written by this process from the tokenizer's own output
+        entry.stamp(self.max_id)
         return entry
 
 

@@ -217,7 +217,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        run_cli(main)
-    except (DataError, PromptTooLong, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(main, expected=(DataError, PromptTooLong, FileNotFoundError))

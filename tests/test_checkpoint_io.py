@@ -278,6 +278,26 @@ def test_cli_writes_and_refuses_to_overwrite(runs, workdir, capsys):
     assert (workdir / "not-a-model" / "notes.txt").read_text() == "mine"
 
 
+def test_zero3_checkpoint_resumes_on_one_rank_with_the_same_losses(runs, workdir):
+    """Universal resume under ZeRO-3 (test_train_world_size covers ZeRO-2): the 2-rank run's step2 resumed on one
+    rank, micro-batch 2 x accumulation 2 = the same global batch of 4, must give the 2-rank run's step-3 loss."""
+    save = workdir / "zero3-on-one-rank"
+    save.mkdir()
+    shutil.copytree(runs[3] / "step2", save / "step2")
+    shutil.copy(runs[3] / "metrics.jsonl", save / "metrics.jsonl")  # train.py drops the lines after the tag
+    (save / "latest").write_text("step2")
+    config = json.loads(ds_config(workdir / "ds3-one-rank.json", 3).read_text())
+    config["gradient_accumulation_steps"] = 2
+    (workdir / "ds3-one-rank.json").write_text(json.dumps(config))
+    cmd = train_cmd(workdir, save, 3, "--max_steps", 3, "--steps_per_epoch", 2)
+    cmd[cmd.index("--num_gpus") + 1] = "1"
+    cmd[cmd.index("--deepspeed_config") + 1] = str(workdir / "ds3-one-rank.json")
+    run_together([cmd])
+    assert (save / "universal" / "step2" / "complete.json").is_file()
+    assert json.loads((save / "step3" / "complete.json").read_text())["world_size"] == 1
+    assert losses(save)[3] == pytest.approx(losses(runs[3])[3], abs=1e-5)
+
+
 def _copy_run(src: Path, dst: Path, tags, latest=None, drop_marker=None, drop_file=None):
     """A cheap copy of a run: tag folders of symlinked files, optionally without a marker or a file."""
     dst.mkdir()

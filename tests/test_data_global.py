@@ -223,6 +223,43 @@ def test_damaged_or_foreign_cache_entry_is_an_error_at_first_use(tmp_path):
         engine(data, tmp_path / "cache").get_data()
 
 
+def test_a_checked_entry_is_not_read_again_until_its_file_changes(tmp_path, monkeypatch):
+    """An elastic restart on a large corpus must not read the whole cache again: a stamp beside each checked entry
+    lets a start skip the read while the .bin is untouched; any write to it brings the full check back."""
+    import hashlib
+    import os
+    from types import SimpleNamespace
+
+    import data.cache
+
+    data_dir = tmp_path / "data"
+    write(data_dir / "a.txt", SAMPLE_TEXT[:80])
+    engine(data_dir, tmp_path / "cache")  # tokenizes: the fresh entry is stamped with its largest id
+    (binfile,) = (tmp_path / "cache").glob("*.bin")
+    ids = np.fromfile(binfile, dtype=np.uint16)
+    assert json.loads(binfile.with_suffix(".verified").read_text())["max_id"] == int(ids.max())
+    checksums = []
+
+    def counting_blake2b(*args, **kwargs):
+        checksums.append(1)
+        return hashlib.blake2b(*args, **kwargs)
+
+    monkeypatch.setattr(data.cache, "hashlib", SimpleNamespace(blake2b=counting_blake2b, sha256=hashlib.sha256,
+                                                               new=hashlib.new))
+    again = engine(data_dir, tmp_path / "cache")
+    assert checksums == []  # the stamp matched: no read of the .bin
+    assert again.get_data().tolist() == engine(data_dir, False).get_data().tolist()
+    # Damage that keeps the size and puts the modification time back still changes the file's change time.
+    before = binfile.stat()
+    damaged = ids.copy()
+    damaged[5:40] = 0
+    binfile.write_bytes(damaged.tobytes())
+    os.utime(binfile, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(ValueError, match=r"fails its checksum"):
+        engine(data_dir, tmp_path / "cache")
+    assert checksums  # checked in full again
+
+
 def test_binary_file_is_refused_with_its_name(tmp_path):
     data = tmp_path / "data"
     write(data / "a.txt", SAMPLE_TEXT[:80])

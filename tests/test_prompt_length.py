@@ -72,3 +72,20 @@ def test_a_question_that_does_not_fit_alone_is_a_named_error(short_model, tmp_pa
     with pytest.raises(PromptTooLong, match=r"subject 'law', .*law_val\.csv, row 2: the question alone is \d+ "
                                             rf"tokens, longer than the limit of {CONTEXT}"):
         run(short_model, data, tmp_path / "out", capsys)
+
+
+def test_the_scripts_end_a_refusal_with_its_message_and_no_traceback():
+    """evaluate_zh.py and evaluate_mmlu.py run main through common.run_cli with their expected errors."""
+    from common import run_cli
+    from evaluation.prompts import PromptTooLong
+
+    def refuse():
+        raise PromptTooLong("ceval/val/law_val.csv row 3 does not fit the context alone")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(refuse, expected=(PromptTooLong,))
+    assert exit_info.value.code == "error: ceval/val/law_val.csv row 3 does not fit the context alone"
+    with pytest.raises(ValueError):  # anything not expected is a bug and keeps its traceback
+        run_cli(lambda: int("x"), expected=(PromptTooLong,))
+    for script in ("evaluate_zh.py", "evaluate_mmlu.py"):
+        assert "expected=(DataError, PromptTooLong" in (ROOT / "evaluation" / script).read_text()

@@ -253,8 +253,10 @@ def test_restart_cap(tmp_path, monkeypatch):
     recovery.note_restart(metrics, 0, max_per_hour=2)
     assert not metrics.exists()  # the first attempt is no restart
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    recovery.note_restart(metrics, 4, max_per_hour=2)
+    recovery.note_restart(metrics, 4, max_per_hour=2, world_size=1, checkpoint_world_size=2)
     recovery.note_restart(metrics, 4, max_per_hour=2)
     with pytest.raises(RuntimeError, match=r"3 restarts within the last hour"):
         recovery.note_restart(metrics, 4, max_per_hour=2)
-    assert [json.loads(x)["event"] for x in metrics.read_text().splitlines()] == ["restart"] * 3
+    events = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["restart"] * 3
+    assert (events[0]["world_size"], events[0]["checkpoint_world_size"]) == (1, 2)  # an elastic job that shrank

@@ -395,10 +395,11 @@ def prune_checkpoints(save_dir: Path, keep_last: int, keep_every: int, steps_per
 # Restart bookkeeping
 # ----------------------------------------------------------------------------------------------------------
 
-def note_restart(metrics_path: Path, step: int, max_per_hour: int) -> None:
+def note_restart(metrics_path: Path, step: int, max_per_hour: int, world_size: Optional[int] = None,
+                 checkpoint_world_size: Optional[int] = None) -> None:
     """Rank 0 of a restarted torchrun attempt: append a `restart` event, and raise when more than `max_per_hour`
     restarts happened in the last hour (a crash that repeats deterministically would otherwise burn the job's
-    restarts and hours)."""
+    restarts and hours). The event keeps both world sizes: an elastic job that lost a node shows it shrank."""
     attempt = restart_count()
     if not attempt:
         return
@@ -410,7 +411,8 @@ def note_restart(metrics_path: Path, step: int, max_per_hour: int) -> None:
             if record.get("event") == "restart" and now - record.get("time", 0) < 3600:
                 recent += 1
     with open(metrics_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"event": "restart", "step": step, "restart": attempt, "time": now}) + "\n")
+        f.write(json.dumps({"event": "restart", "step": step, "restart": attempt, "world_size": world_size,
+                            "checkpoint_world_size": checkpoint_world_size, "time": now}) + "\n")
     if recent + 1 > max_per_hour:
         raise RuntimeError(f"{recent + 1} restarts within the last hour (--max_restarts_per_hour {max_per_hour}; "
                            f"see the restart events in {metrics_path}): the failure repeats, so stopping here. "
