@@ -33,7 +33,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-logger = logging.getLogger("recovery")
+logger = logging.getLogger(__name__)
 
 # The global order's sample index covers --max_steps batches and these: skipped steps and rolled-back batches
 # use data without making a step, so a run may skip this many in all before the index runs out (an error).
