@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -25,7 +24,7 @@ from . import dist
 from .cache import (EOS_TOKEN_ID, MAX_BAD_LINE_FRACTION, MIN_LINE_TOKENS, TokenCache, TokenStream,
                     release_freed_memory, resolve_cache_dir)
 from .order import INDEX_FORMAT, build_index, compute_order
-from .sources import Source, list_data_files, read_mixture, resolve_weights
+from .sources import Source, check_engine_args, list_data_files, read_mixture, resolve_weights
 
 logger = logging.getLogger(__name__)
 
@@ -72,15 +71,8 @@ class GlobalDataEngine:
                  min_line_tokens: int = MIN_LINE_TOKENS, eos_id: int = EOS_TOKEN_ID,
                  show_progress: Optional[bool] = None, max_bad_line_fraction: float = MAX_BAD_LINE_FRACTION,
                  holdout: Optional[Tuple[float, bool]] = None):
-        for name, value in (("micro_batch_size", micro_batch_size), ("max_length", max_length),
-                            ("global_batch_size", global_batch_size), ("num_batches", num_batches)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.data_dir = Path(data_dir)
-        if not self.data_dir.is_dir():
-            raise FileNotFoundError(f"data_dir not found or not a folder: {self.data_dir}")
+        self.data_dir = check_engine_args(data_dir, seed, micro_batch_size=micro_batch_size, max_length=max_length,
+                                          global_batch_size=global_batch_size, num_batches=num_batches)
         self.micro_batch_size, self.max_length = int(micro_batch_size), int(max_length)
         self.sample_length = self.max_length + 1
         self.global_batch_size, self.num_batches = int(global_batch_size), int(num_batches)

@@ -63,7 +63,7 @@ import numpy as np
 from .cache import (EOS_TOKEN_ID, MAX_BAD_LINE_FRACTION, MIN_LINE_TOKENS, TokenCache, TokenStream,
                     release_freed_memory, resolve_cache_dir)
 from .dist import resolve_world, sync_steps
-from .sources import files_for_rank, list_data_files
+from .sources import check_engine_args, files_for_rank, list_data_files
 
 logger = logging.getLogger(__name__)
 
@@ -101,16 +101,7 @@ class DataEngine:
                  min_line_tokens: int = MIN_LINE_TOKENS, eos_id: int = EOS_TOKEN_ID,
                  show_progress: Optional[bool] = None, max_bad_line_fraction: float = MAX_BAD_LINE_FRACTION,
                  holdout: Optional[Tuple[float, bool]] = None, files: Optional[Sequence[Path]] = None):
-        for name, value in (("micro_batch_size", micro_batch_size), ("max_length", max_length)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.data_dir = Path(data_dir)
-        if not self.data_dir.exists():
-            raise FileNotFoundError(f"data_dir not found: {self.data_dir}")
-        if not self.data_dir.is_dir():
-            raise NotADirectoryError(f"data_dir is not a folder: {self.data_dir}")
+        self.data_dir = check_engine_args(data_dir, seed, micro_batch_size=micro_batch_size, max_length=max_length)
         self.micro_batch_size, self.max_length = int(micro_batch_size), int(max_length)
         self.sample_length = self.max_length + 1
         self.seed, self.device = int(seed), device

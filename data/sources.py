@@ -17,8 +17,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
+import numpy as np
+
 SOURCE_KEYS = {"name", "path", "weight"}
 MIX_KEYS = {"sources", "temperature"}
+
+
+def check_engine_args(data_dir: Union[str, Path], seed, **positive) -> Path:
+    """The checks both engines make on construction; returns data_dir as a Path. `positive`: sizes that must be
+    positive integers, by their argument names (named in the error)."""
+    for name, value in positive.items():
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    data_dir = Path(data_dir)
+    if not data_dir.exists():
+        raise FileNotFoundError(f"data_dir not found: {data_dir}")
+    if not data_dir.is_dir():
+        raise NotADirectoryError(f"data_dir is not a folder: {data_dir}")
+    return data_dir
 
 
 def list_data_files(data_dir: Union[str, Path], exclude: Sequence[Union[str, Path]] = ()) -> List[Path]:

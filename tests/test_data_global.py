@@ -260,6 +260,20 @@ def test_a_checked_entry_is_not_read_again_until_its_file_changes(tmp_path, monk
     assert checksums  # checked in full again
 
 
+def test_bad_arguments_are_named(tmp_path):
+    """The global engine makes the per-rank engine's checks (data.sources.check_engine_args), and its own sizes."""
+    with pytest.raises(FileNotFoundError, match="data_dir not found: .*nowhere"):
+        engine(tmp_path / "nowhere", tmp_path / "cache")
+    (tmp_path / "afile").write_text("x\n")
+    with pytest.raises(NotADirectoryError, match="data_dir is not a folder: .*afile"):
+        engine(tmp_path / "afile", tmp_path / "cache")
+    write(tmp_path / "data" / "a.txt", SAMPLE_TEXT[:80])
+    with pytest.raises(ValueError, match="global_batch_size must be a positive integer, got 0"):
+        engine(tmp_path / "data", tmp_path / "cache", global_bs=0)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
+        engine(tmp_path / "data", tmp_path / "cache", seed=-1)
+
+
 def test_binary_file_is_refused_with_its_name(tmp_path):
     data = tmp_path / "data"
     write(data / "a.txt", SAMPLE_TEXT[:80])
