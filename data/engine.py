@@ -145,6 +145,14 @@ class GlobalDataEngine:
         # Round 1: each rank tokenizes its share into the cache; round 2: a node whose cache lacks entries after
         # that (node-local cache folders) fills them, split over its local ranks; then every rank maps all.
         local_rank, local_world = _local()
+
+        def fill(indices, **kwargs) -> int:
+            """Load (from the cache, else by tokenizing) the files at `indices`; returns how many were tokenized."""
+            got, cached = self.cache.load([files[i] for i in indices], show_progress=self.show_progress, **kwargs)
+            for i, e in zip(indices, got):
+                entries[i] = e
+            return len(indices) - cached
+
         for round_, (share, of) in enumerate(((self.rank, self.world_size), (local_rank, local_world))):
             try:
                 mine = [i for i in range(n) if i % of == share and entries[i] is None]
@@ -159,11 +167,7 @@ class GlobalDataEngine:
                         logger.warning("cache folder %s is not shared by all ranks: %d of %d file(s) are tokenized "
                                        "again on this node", self.cache_dir, missing, n)
                 if mine:
-                    got, cached = self.cache.load([files[i] for i in mine], show_progress=self.show_progress,
-                                                  desc=f"tokenizing (rank {self.rank})")
-                    tokenized += len(mine) - cached
-                    for i, e in zip(mine, got):
-                        entries[i] = e
+                    tokenized += fill(mine, desc=f"tokenizing (rank {self.rank})")
             except (OSError, ValueError) as e:
                 error = e
             dist.agree(error, self.world_size, "tokenizing the data")
@@ -172,10 +176,7 @@ class GlobalDataEngine:
         rest = [i for i in range(n) if entries[i] is None]
         try:
             if rest:  # without a cache, or a node-local cache another node's rank filled
-                got, cached = self.cache.load([files[i] for i in rest], show_progress=self.show_progress)
-                tokenized += len(rest) - cached
-                for i, e in zip(rest, got):
-                    entries[i] = e
+                tokenized += fill(rest)
         except (OSError, ValueError) as e:
             error = e
         dist.agree(error, self.world_size, "tokenizing the data")
