@@ -4,6 +4,8 @@ number kept is recorded per question; a question that does not fit alone is an e
 The fixture is a C-Eval-layout folder written here, scored by a tiny model whose context is 160 positions."""
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,7 +76,7 @@ def test_a_question_that_does_not_fit_alone_is_a_named_error(short_model, tmp_pa
         run(short_model, data, tmp_path / "out", capsys)
 
 
-def test_the_scripts_end_a_refusal_with_its_message_and_no_traceback():
+def test_the_scripts_end_a_refusal_with_its_message_and_no_traceback(tmp_path):
     """evaluate_zh.py and evaluate_mmlu.py run main through common.run_cli with their expected errors."""
     from common import run_cli
     from evaluation.prompts import PromptTooLong
@@ -87,5 +89,11 @@ def test_the_scripts_end_a_refusal_with_its_message_and_no_traceback():
     assert exit_info.value.code == "error: ceval/val/law_val.csv row 3 does not fit the context alone"
     with pytest.raises(ValueError):  # anything not expected is a bug and keeps its traceback
         run_cli(lambda: int("x"), expected=(PromptTooLong,))
-    for script in ("evaluate_zh.py", "evaluate_mmlu.py"):
-        assert "expected=(DataError, PromptTooLong" in (ROOT / "evaluation" / script).read_text()
+    # A missing data folder is found before the model loads.
+    for script, model, out in (("evaluate_zh.py", "--model_name_or_path", "--output_dir"),
+                               ("evaluate_mmlu.py", "--model", "--save_dir")):
+        proc = subprocess.run([sys.executable, str(ROOT / "evaluation" / script), model, str(tmp_path / "no-model"),
+                               "--data_dir", str(tmp_path / "no-data"), out, str(tmp_path / "out")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert proc.stderr.startswith("error: ") and "no-data" in proc.stderr and "Traceback" not in proc.stderr
